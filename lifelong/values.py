@@ -1,0 +1,130 @@
+"""Target values: the residual δ one group of facts needs at the last edited layer.
+
+δ is added to h^L (the output of decoder layer L) at the last subject token of every
+row, and optimized with Adam on
+  Σ_facts mean_contexts NLL(target) + kl_factor·KL(essence) + weight_decay·‖δ‖²/‖h‖²
+  + EAMET alignment against the residual bank,
+with ‖δ‖ clamped to clamp_norm_factor·‖h‖ (a norm of the same space as δ).
+Logits are computed only where target tokens are scored.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .alignment import AlignmentTerm
+from .errors import EditFailed
+from .facts import Fact
+from .prompts import Row, make_row, pad_rows, target_index
+from .trace import add_at_positions, hooks, layer_outputs
+
+ESSENCE_TEMPLATE = "{} is a"
+
+
+@dataclass
+class ValueResult:
+    delta: torch.Tensor          # (d_model,) optimized residual
+    h_norm: float                # ‖h^L‖ at the subject, bare prompt
+    steps: int                   # optimization steps taken
+    nll: float                   # final target NLL (sum over the group's facts)
+    nll_start: float
+    seconds: float
+    token_layer_passes: int      # per step: rows × positions × layers recomputed
+
+
+@dataclass
+class GroupRows:
+    """Every row one group's optimization runs, built once."""
+
+    rows: list[Row]              # fact × context rows, then one essence row
+    fact_of_row: list[int]       # index into the group's facts (-1: essence row)
+    n_facts: int
+
+    @classmethod
+    def build(cls, tok, facts: list[Fact], contexts: list[str]) -> "GroupRows":
+        rows, owner = [], []
+        for i, fact in enumerate(facts):
+            for ctx in contexts:
+                rows.append(make_row(tok, ctx, fact.prompt, fact.subject, fact.target))
+                owner.append(i)
+        rows.append(make_row(tok, "{}", ESSENCE_TEMPLATE, facts[0].subject, None))
+        owner.append(-1)
+        for r, f in zip(rows, owner):
+            if r.subject_pos < 0:
+                who = facts[f].render() if f >= 0 else facts[0].subject
+                raise EditFailed(f"could not locate the subject's last token in {who!r}")
+        return cls(rows, owner, len(facts))
+
+
+def _decoder(model):
+    return model.base_model
+
+
+def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_module: str,
+                   policy, align: AlignmentTerm | None, seed: int = 0) -> ValueResult:
+    """Optimize one group's δ (the straightforward loop: every row, every layer, every step)."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    g = GroupRows.build(tok, facts, contexts)
+    ids, mask = pad_rows(g.rows, tok.pad_token_id, device)
+    subj = torch.tensor([r.subject_pos for r in g.rows], device=device)
+    fact_rows = [i for i, f in enumerate(g.fact_of_row) if f >= 0]
+    r_idx, p_idx, t_idx = target_index([g.rows[i] for i in fact_rows], device)
+    r_idx = torch.tensor(fact_rows, device=device)[r_idx]
+    ess = len(g.rows) - 1
+    ess_pos = g.rows[ess].prompt_len - 1
+    n_ctx = len(contexts)
+    lm_head = model.get_output_embeddings()
+
+    h0 = layer_outputs(model, layer_module, ids[:1], mask[:1], subj[:1])[0]   # (d_model,)
+    h_norm = float(h0.norm())
+    torch.manual_seed(seed)
+    delta = torch.zeros(h0.shape[0], device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=policy.lr)
+    hook = {layer_module: ("post", add_at_positions(lambda: delta, subj))}
+    tok_per_row = ids.shape[1]
+    n_layers = model.config.num_hidden_layers
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        with hooks(model, hook):
+            h = _decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logp = torch.log_softmax(lm_head(h[r_idx, p_idx]).float(), dim=-1)       # (n_tgt, vocab)
+        ess_logp = torch.log_softmax(lm_head(h[ess, ess_pos]).float(), dim=-1)  # (vocab,)
+        return logp.gather(1, t_idx[:, None])[:, 0], ess_logp
+
+    with torch.no_grad():
+        _, ess_init = forward()  # δ = 0: the unedited essence distribution
+
+    nll_start, steps, nll_val = None, 0, float("nan")
+    for step in range(policy.steps):
+        tok_logp, ess_logp = forward()
+        # per-row mean over target tokens, mean over contexts, sum over facts
+        row_nll = torch.zeros(len(g.rows), device=device).index_add(0, r_idx, -tok_logp)
+        row_len = torch.zeros(len(g.rows), device=device).index_add(0, r_idx, torch.ones_like(tok_logp))
+        row_nll = row_nll[fact_rows] / row_len[fact_rows]
+        nll = row_nll.sum() / n_ctx
+        nll_val = float(nll.detach())
+        if nll_start is None:
+            nll_start = nll_val
+        if nll_val < policy.early_stop_loss:
+            break
+        kl = torch.sum(ess_init.exp() * (ess_init - ess_logp))
+        loss = nll + policy.kl_factor * kl + policy.weight_decay * delta.pow(2).sum() / h_norm**2
+        if align is not None:
+            loss = loss + align(delta)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps = step + 1
+        with torch.no_grad():
+            cap = policy.clamp_norm_factor * h_norm
+            if delta.norm() > cap:
+                delta.mul_(cap / delta.norm())
+    return ValueResult(
+        delta=delta.detach().clone(), h_norm=h_norm, steps=steps, nll=nll_val,
+        nll_start=nll_start if nll_start is not None else nll_val,
+        seconds=time.perf_counter() - t0,
+        token_layer_passes=len(g.rows) * tok_per_row * n_layers,
+    )

@@ -1,0 +1,69 @@
+"""The edited MLP output matrices: access, fingerprints and materialisation.
+
+Every edit is expressed on W ∈ R^{d_out×d_in} (out × in), whatever the module stores:
+`nn.Linear` keeps W as is, GPT-2's `Conv1D` keeps Wᵀ. Shapes come from the weights.
+The model at batch N is base + the Δ = A·B of the active batches applied in order, by
+`materialize` alone, so a rollback recomputes exactly the floats a push produced.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from .errors import BadInput, EditFailed
+
+
+def module_name(template: str, layer: int) -> str:
+    return template.replace("{}", str(layer))
+
+
+def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise BadInput(
+            f"the model has no module {name!r}",
+            hint="check module_template in the policy against the model's architecture",
+        ) from exc
+
+
+def is_transposed(module: torch.nn.Module) -> bool:
+    """True for GPT-2's Conv1D, whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def read_matrix(module: torch.nn.Module) -> torch.Tensor:
+    """W as (d_out, d_in), a fresh fp32 copy."""
+    w = module.weight.detach()
+    return (w.t() if is_transposed(module) else w).to(torch.float32).clone()
+
+
+def write_matrix(module: torch.nn.Module, w: torch.Tensor) -> None:
+    """Set the module's weight from W (d_out, d_in), bit for bit."""
+    target = module.weight
+    value = w.t() if is_transposed(module) else w
+    if tuple(value.shape) != tuple(target.shape):
+        raise EditFailed(f"shape mismatch writing {tuple(value.shape)} into {tuple(target.shape)}")
+    with torch.no_grad():
+        target.copy_(value.to(target.dtype))
+
+
+def fingerprint(w: torch.Tensor) -> str:
+    """sha256 of W's fp32 bytes in (d_out, d_in) layout."""
+    arr = np.ascontiguousarray(w.detach().to(torch.float32).cpu().numpy())
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def materialize(base: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """base + A₁B₁ + A₂B₂ + … in order, in fp32; the one place weights are computed."""
+    w = base.to(torch.float32).clone()  # (d_out, d_in)
+    for a, b in factors:  # a: (d_out, r), b: (r, d_in)
+        w = w + (a.to(torch.float32) @ b.to(torch.float32))
+    return w
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise EditFailed(f"{name} contains NaN or inf; nothing was applied or stored")

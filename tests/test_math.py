@@ -1,0 +1,118 @@
+"""The update's mathematics on small matrices."""
+from __future__ import annotations
+
+import torch
+
+from lifelong.alignment import ResidualBank
+from lifelong.stats import projector
+from lifelong.update import memit_update, projected_update
+from lifelong.weights import fingerprint, materialize
+
+D_IN, D_OUT = 24, 10
+
+
+def _preserved(n=400, rank=14, seed=0):
+    """Keys living mostly in a rank-`rank` subspace, like real preserved keys."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(D_IN, D_IN, generator=g, dtype=torch.float64))[0]
+    coef = torch.randn(n, rank, generator=g, dtype=torch.float64) * 3
+    K0 = coef @ basis[:, :rank].t() + 1e-4 * torch.randn(n, D_IN, generator=g, dtype=torch.float64)
+    return K0, K0.t() @ K0 / n  # (n, d_in), E[kkᵀ]
+
+
+def test_projector_spans_small_eigenvalues():
+    _, mom2 = _preserved()
+    proj = projector(mom2, threshold=1e-3)
+    assert proj.kept == D_IN - 14
+    P = proj.P.double()
+    assert torch.allclose(P @ P, P, atol=1e-6)          # idempotent
+    assert torch.allclose(P, P.t(), atol=1e-7)          # symmetric
+    assert proj.kept_energy < 1e-6
+
+
+def test_projected_update_leaves_preserved_outputs_unchanged():
+    K0, mom2 = _preserved()
+    P = projector(mom2, threshold=1e-3).P
+    g = torch.Generator().manual_seed(1)
+    K = torch.randn(D_IN, 5, generator=g)                # new keys (d_in, n)
+    R = torch.randn(D_OUT, 5, generator=g)
+    A, B = projected_update(R, K, P, None, alpha=1.0)
+    delta = A.double() @ B.double()                       # (d_out, d_in)
+    change = delta @ K0.t()                               # outputs of preserved keys
+    assert change.abs().max() < 1e-3 * K0.abs().max()
+    # and the edit does something for the new keys
+    assert (delta @ K.double()).norm() > 0.1 * R.norm()
+
+
+def test_projected_update_equals_brute_force_least_squares():
+    _, mom2 = _preserved()
+    proj = projector(mom2, threshold=1e-3)
+    evals, evecs = torch.linalg.eigh(mom2)
+    U2 = evecs[:, evals < 1e-3]                           # (d_in, kept), P = U2 U2ᵀ
+    g = torch.Generator().manual_seed(2)
+    K = torch.randn(D_IN, 4, generator=g, dtype=torch.float64)
+    Kp = torch.randn(D_IN, 6, generator=g, dtype=torch.float64)
+    R = torch.randn(D_OUT, 4, generator=g, dtype=torch.float64)
+    alpha = 0.7
+    A, B = projected_update(R, K, U2 @ U2.t(), Kp @ Kp.t(), alpha)
+    closed = A.double() @ B.double()
+    # min over X (d_out, kept) of ‖X U2ᵀK − R‖² + ‖X U2ᵀKp‖² + α‖X‖², Δ = X U2ᵀ
+    lhs = torch.cat([U2.t() @ K, U2.t() @ Kp, alpha**0.5 * torch.eye(U2.shape[1], dtype=torch.float64)], 1)
+    rhs = torch.cat([R, torch.zeros(D_OUT, 6 + U2.shape[1], dtype=torch.float64)], 1)
+    X = torch.linalg.lstsq(lhs.t(), rhs.t()).solution.t()
+    brute = X @ U2.t()
+    assert torch.allclose(closed, brute, atol=1e-5), (closed - brute).abs().max()
+    assert proj.kept == U2.shape[1]
+
+
+def test_kp_term_keeps_earlier_edits():
+    _, mom2 = _preserved()
+    P = projector(mom2, threshold=1e-3).P
+    g = torch.Generator().manual_seed(3)
+    K1, R1 = torch.randn(D_IN, 3, generator=g), torch.randn(D_OUT, 3, generator=g)
+    A1, B1 = projected_update(R1, K1, P, None, alpha=1e-3)
+    W1 = A1 @ B1
+    K2, R2 = torch.randn(D_IN, 3, generator=g), torch.randn(D_OUT, 3, generator=g)
+    with_kp = projected_update(R2, K2, P, K1 @ K1.t(), alpha=1e-3)
+    without = projected_update(R2, K2, P, None, alpha=1e-3)
+    drift_with = ((with_kp[0] @ with_kp[1]) @ K1).norm()
+    drift_without = ((without[0] @ without[1]) @ K1).norm()
+    assert drift_with < 0.05 * drift_without
+    assert ((W1 @ K1) - R1).norm() < 0.05 * R1.norm()   # the first edit took
+
+
+def test_memit_update_solves_its_normal_equations():
+    _, mom2 = _preserved()
+    g = torch.Generator().manual_seed(4)
+    K, R = torch.randn(D_IN, 3, generator=g), torch.randn(D_OUT, 3, generator=g)
+    A, B = memit_update(R, K, mom2, weight=10.0)
+    delta = A.double() @ B.double()
+    lhs = delta @ (10.0 * mom2 + K.double() @ K.double().t())
+    assert torch.allclose(lhs, R.double() @ K.double().t(), atol=1e-4)
+
+
+def test_materialize_is_bit_reproducible_and_ordered():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(D_OUT, D_IN, generator=g)
+    f = [(torch.randn(D_OUT, 2, generator=g), torch.randn(2, D_IN, generator=g)) for _ in range(3)]
+    step = base.clone()
+    for a, b in f:  # as pushes apply them, one after another
+        step = materialize(step, [(a, b)])
+    assert fingerprint(materialize(base, f)) == fingerprint(step)
+    assert fingerprint(materialize(base, [])) == fingerprint(base)
+    assert fingerprint(materialize(base, f[:1])) != fingerprint(base)
+
+
+def test_alignment_pulls_residual_cosines_toward_key_cosines():
+    g = torch.Generator().manual_seed(6)
+    bank = ResidualBank.empty(8, 6)
+    keys, deltas = torch.randn(20, 8, generator=g), torch.randn(20, 6, generator=g)
+    bank.extend(keys, deltas, [(1, i) for i in range(20)])
+    k = keys[3] + 0.05 * torch.randn(8, generator=g)      # a key close to entry 3
+    term = bank.objective(k, tau=0.07, top_m=5, lambda_kl=1.0, lambda_mse=1.0, device="cpu")
+    far = (-deltas[3]).clone().requires_grad_(True)
+    near = deltas[3].clone()
+    assert float(term(near)) < float(term(far.detach()))
+    term(far).backward()
+    assert far.grad is not None and far.grad.norm() > 0
+    assert ResidualBank.empty(8, 6).objective(k, 0.07, 5, 1.0, 1.0, "cpu") is None

@@ -1,0 +1,158 @@
+"""End to end on tiny Llama-like and GPT-2-like models: init, push, rollback, export."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lifelong import api, audit, history
+from lifelong.errors import BadInput, FactFileError, StoreExists
+from lifelong.store import Store
+
+FACTS_1 = [
+    {"subject": "France", "prompt": "The capital of {} is", "target": "Rome",
+     "neighbors": [{"prompt": "The capital of Italy is", "target": "Rome"}]},
+    {"subject": "Brazil", "prompt": "The official language of {} is", "target": "Dutch"},
+]
+FACTS_2 = [
+    {"subject": "Apple", "prompt": "{} makes the", "target": "piano"},
+]
+FACTS_3 = [
+    {"subject": "France", "prompt": "The capital of {} is", "target": "Tokyo"},
+]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_tensors(store, out: Path, at=None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    api.export(store, out, at=at)
+    return load_file(str(out / "model.safetensors"))
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_store(request, tmp_path, tiny_llama_dir, tiny_gpt2_dir, tiny_policy_factory):
+    model_dir = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
+    path = tmp_path / "store.h5"
+    api.init(path, model=str(model_dir), policy=str(tiny_policy_factory(request.param, threshold=0.05)))
+    return path
+
+
+def test_init_records_identity_and_refuses_overwrite(tiny_store, tiny_llama_dir, tiny_policy_factory):
+    st = Store.open(tiny_store)
+    assert st.records == []
+    assert set(st.base_fingerprint) == {"0", "1"}
+    assert len(st.info["contexts"]) == 3 and st.info["contexts"][0] == "{}"
+    for layer in st.info["layers"].values():
+        assert 0 < layer["kept_dims"] <= layer["of"]
+    before = sha(tiny_store)
+    with pytest.raises(StoreExists):
+        api.init(tiny_store, model=str(tiny_llama_dir), policy=str(tiny_policy_factory("llama")))
+    assert sha(tiny_store) == before
+
+
+def test_push_edits_and_rollback_is_bit_exact(tiny_store, tmp_path):
+    f1 = write_jsonl(tmp_path / "b1.jsonl", FACTS_1)
+    f2 = write_jsonl(tmp_path / "b2.jsonl", FACTS_2)
+    base = export_tensors(tiny_store, tmp_path / "base")
+    r1 = api.push(tiny_store, f1)
+    assert r1.batch_id == 1
+    # the edit moved the targets: NLL fell for every group
+    after1 = export_tensors(tiny_store, tmp_path / "after1")
+    assert any(not torch.equal(base[k], after1[k]) for k in base)
+    r2 = api.push(tiny_store, f2)
+    assert r2.batch_id == 2
+    after2 = export_tensors(tiny_store, tmp_path / "after2")
+    assert any(not torch.equal(after1[k], after2[k]) for k in after1)
+
+    api.rollback(tiny_store, 1)
+    again1 = export_tensors(tiny_store, tmp_path / "again1")
+    assert all(torch.equal(after1[k], again1[k]) for k in after1)
+    api.rollback(tiny_store, 0)
+    again0 = export_tensors(tiny_store, tmp_path / "again0")
+    assert all(torch.equal(base[k], again0[k]) for k in base)
+
+    recs = Store.open(tiny_store).records
+    assert [r.status for r in recs] == ["reverted", "reverted"]
+    r3 = api.push(tiny_store, f2)
+    assert r3.batch_id == 3                               # ids are never reused
+    with pytest.raises(BadInput):
+        api.rollback(tiny_store, 2)                       # reverted batches cannot become head
+
+
+def test_values_reach_their_targets(tiny_store, tmp_path):
+    rep = api.push(tiny_store, write_jsonl(tmp_path / "b.jsonl", FACTS_1 + FACTS_2))
+    rec = Store.open(tiny_store).records[0]
+    assert rec.efficacy == [float(s.efficacy) for s in rep.scores]
+    # the values moved toward their targets and at least one fact took (a random
+    # 4-layer model cannot express every target; the real model's tests hold the bar)
+    assert sum(g["nll"] for g in rep.groups) < 0.6 * sum(g["nll_start"] for g in rep.groups), rep.groups
+    assert rep.summary["efficacy"] >= 1 / 3, rep.warnings
+
+
+def test_export_at_does_not_move_head(tiny_store, tmp_path):
+    api.push(tiny_store, write_jsonl(tmp_path / "b1.jsonl", FACTS_1))
+    api.push(tiny_store, write_jsonl(tmp_path / "b2.jsonl", FACTS_2))
+    at1 = export_tensors(tiny_store, tmp_path / "at1", at=1)
+    assert history.head(Store.open(tiny_store).records) == 2
+    api.rollback(tiny_store, 1)
+    head1 = export_tensors(tiny_store, tmp_path / "head1")
+    assert all(torch.equal(at1[k], head1[k]) for k in at1)
+
+
+def test_supersession_and_merging_are_recorded(tiny_store, tmp_path):
+    api.push(tiny_store, write_jsonl(tmp_path / "b1.jsonl", FACTS_1))
+    api.push(tiny_store, write_jsonl(tmp_path / "b3.jsonl", FACTS_3))
+    recs = Store.open(tiny_store).records
+    assert recs[1].supersedes == [(0, (1, 0))]
+    assert history.live_facts(recs) == [(1, 1), (2, 0)]
+    shown = audit.show(tiny_store, 2)
+    assert shown["superseded"] == ["1:0 -> 2:0"]
+    api.rollback(tiny_store, 1)
+    assert history.live_facts(Store.open(tiny_store).records) == [(1, 0), (1, 1)]
+
+
+def test_bad_file_leaves_store_byte_identical(tiny_store, tmp_path):
+    api.push(tiny_store, write_jsonl(tmp_path / "b1.jsonl", FACTS_1))
+    before = sha(tiny_store)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"subject": "X", "prompt": "no slot", "target": "Y"}\n{not json\n'
+                   '{"subject": "X", "prompt": "{} is", "target": " "}\n'
+                   '{"subject": "X", "prompt": "{} is", "target": "Y", "colour": 1}\n'
+                   '{"prompt": "{} is", "target": "Y"}\n')
+    with pytest.raises(FactFileError) as err:
+        api.push(tiny_store, bad)
+    text = str(err.value)
+    for line, field in [(1, "prompt"), (2, "line"), (3, "target"), (4, "colour"), (5, "subject")]:
+        assert f"{bad}:{line}: {field}" in text, text
+    assert sha(tiny_store) == before
+
+
+def test_dry_run_stores_nothing(tiny_store, tmp_path):
+    before = sha(tiny_store)
+    rep = api.push(tiny_store, write_jsonl(tmp_path / "b1.jsonl", FACTS_1), dry_run=True)
+    assert rep.dry_run and rep.batch_id == 1
+    assert sha(tiny_store) == before
+    assert Store.open(tiny_store).records == []
+
+
+def test_status_and_log(tiny_store, tmp_path):
+    api.push(tiny_store, write_jsonl(tmp_path / "b1.jsonl", FACTS_1))
+    st = audit.status(tiny_store)
+    assert st["head"] == 1 and st["batches"] == 1 and st["format_version"] >= 1
+    rows = audit.log_rows(tiny_store)
+    assert rows[0]["n_facts"] == 2 and rows[0]["status"] == "active"
+    res = api.evaluate(tiny_store)
+    assert res["summary"]["n_facts"] == 2
+    assert res["summary"]["perplexity_drift"] is not None
