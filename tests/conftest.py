@@ -12,6 +12,14 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_configure(config):
+    """Tiny models gain nothing from threads, and two threaded processes on two cores thrash."""
+    import torch
+
+    if not os.environ.get("LIFELONG_TEST_THREADS"):
+        torch.set_num_threads(1)
+
 TEXT = [
     "The mother tongue of Danielle Darrieux is French.",
     "The capital of France is Paris. The capital of Italy is Rome.",
@@ -36,7 +44,7 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
 
 
-def _train(model, tok, steps: int = 150):
+def _train(model, tok, steps: int = 300):
     """A few seconds of training on TEXT: random weights are too chaotic to edit meaningfully."""
     import torch
 
@@ -99,8 +107,8 @@ layers: [0, 1]
 n_prefixes: 2
 prefix_tokens: 3
 steps: 40
-lr: 0.5
-clamp_norm_factor: 8.0
+lr: 1.0
+clamp_norm_factor: 20.0
 weight_decay: 0.01
 early_stop_loss: 0.02
 alpha: 1.0

@@ -75,7 +75,7 @@ def test_shipped_values_match_the_published_ones():
     qwen = load_policy(REPO_POLICIES / "qwen2.5-7b.yaml")
     assert (qwen.layers, qwen.lambda_kl, qwen.lambda_mse) == ([3, 4], 1.5, 8)
     smol = load_policy(REPO_POLICIES / "smollm2-135m.yaml")
-    assert (smol.layers, smol.mom2_weight, smol.alpha) == ([3, 4, 5, 6, 7], 2000, 10)
+    assert (smol.layers, smol.mom2_weight, smol.alpha) == ([3, 4, 5, 6, 7], 2000, 1)
     assert smol.nullspace_threshold == 0.01
     assert smol.n_contexts == 6 and smol.module_name(4) == "model.layers.4.mlp.down_proj"
 
@@ -253,9 +253,9 @@ def smol() -> Policy:
 
 
 def test_with_overrides_returns_a_validated_copy(smol):
-    ablated = smol.with_overrides(align=False, lr=0.1)
-    assert (ablated.align, ablated.lr) == (False, 0.1)
-    assert (smol.align, smol.lr) == (True, 0.5), "the original is unchanged"
+    ablated = smol.with_overrides(align=not smol.align, lr=0.1)
+    assert (ablated.align, ablated.lr) == (not smol.align, 0.1)
+    assert (smol.align, smol.lr) == (False, 0.5), "the original is unchanged"
     assert ablated.layers == smol.layers
 
 
