@@ -1,0 +1,120 @@
+"""The fast value optimization gives the straightforward loop's δ with fewer token-layer passes."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lifelong.facts import Fact
+from lifelong.models import load_model, resolve_model
+from lifelong.policy import Policy
+from lifelong.values import optimize_value
+from lifelong.values_fast import optimize_value_fast
+
+CONTEXTS = ["{}", "I think the piano is loud. {}"]
+ONE = [Fact("Danielle Darrieux", "The mother tongue of {} is", "English", "P103")]
+SAME_SUBJECT = [
+    Fact("France", "The capital of {} is", "Rome", "capital"),
+    Fact("France", "The official language of {} is", "Dutch", "language"),
+]
+# subject at position 0 and its last token the prompt's last token; essence row too
+EDGE = [Fact("Apple", "{}", "piano", "edge")]
+
+TEMPLATES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}.mlp.c_proj"}
+LAYER = {"llama": "model.layers.1", "gpt2": "transformer.h.1"}
+
+
+def policy(arch: str, **kw) -> Policy:
+    base = dict(name="t", model="t", source="t", module_template=TEMPLATES[arch], layers=[0, 1],
+                steps=8, lr=0.5, clamp_norm_factor=4.0, weight_decay=0.01, kl_factor=0.0625,
+                early_stop_loss=0.02)
+    base.update(kw)
+    return Policy(**base)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny(request, tiny_llama_dir, tiny_gpt2_dir):
+    path = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
+    model, tok = load_model(resolve_model(str(path)), device="cpu", log=lambda m: None)
+    return request.param, model, tok
+
+
+def both(tiny, facts, contexts, pol, align=None):
+    arch, model, tok = tiny
+    slow = optimize_value(model, tok, facts, contexts, LAYER[arch], pol, align, seed=3)
+    fast = optimize_value_fast(model, tok, facts, contexts, LAYER[arch], pol, align, seed=3)
+    return slow, fast
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("facts", [ONE, SAME_SUBJECT, EDGE], ids=["one", "same-subject", "edge"])
+def test_fast_delta_matches_straightforward(tiny, facts, caplog):
+    arch = tiny[0]
+    pol = policy(arch).with_overrides(early_stop_loss=0.0)
+    with caplog.at_level(logging.WARNING, logger="lifelong.values_fast"):
+        slow, fast = both(tiny, facts, CONTEXTS, pol)
+    assert not caplog.records, "the fast path fell back"
+    assert slow.steps == fast.steps == 8
+    assert slow.delta.norm() > 0
+    assert rel(fast.delta, slow.delta) < 1e-4
+    assert fast.h_norm == pytest.approx(slow.h_norm, rel=1e-6)
+    assert fast.nll_start == pytest.approx(slow.nll_start, rel=1e-5)
+    assert fast.nll == pytest.approx(slow.nll, rel=1e-4, abs=1e-6)
+    assert fast.token_layer_passes < slow.token_layer_passes
+
+
+def test_bare_context_only_and_clamp(tiny):
+    """No cached prefix at all (every s = 0), and a clamp that binds."""
+    pol = policy(tiny[0], clamp_norm_factor=0.05, early_stop_loss=0.0, steps=5)
+    slow, fast = both(tiny, EDGE, ["{}"], pol)
+    assert slow.delta.norm() == pytest.approx(0.05 * slow.h_norm, rel=1e-4)
+    assert rel(fast.delta, slow.delta) < 1e-4
+
+
+def test_early_stop_and_alignment_match(tiny):
+    from lifelong.alignment import ResidualBank
+
+    arch, model, _ = tiny
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    bank = ResidualBank.empty(d * 2, d)
+    bank.extend(torch.randn(6, d * 2, generator=g), torch.randn(6, d, generator=g), list(range(6)))
+    term = bank.objective(torch.randn(d * 2, generator=g), 0.07, 4, 1.0, 1.0, "cpu")
+    pol = policy(arch, steps=40, early_stop_loss=0.5, lr=1.0)
+    slow, fast = both(tiny, ONE, CONTEXTS, pol, align=term)
+    assert fast.steps == slow.steps
+    assert rel(fast.delta, slow.delta) < 1e-4
+
+
+def test_unrecognised_structure_falls_back(tiny, caplog):
+    arch, model, tok = tiny
+    pol = policy(arch, steps=2)
+    # a decoder layer's MLP output module is not a decoder layer: the fast path declines
+    name = TEMPLATES[arch].format(1)
+    with caplog.at_level(logging.WARNING, logger="lifelong.values_fast"):
+        res = optimize_value_fast(model, tok, ONE, CONTEXTS, name, pol, None)
+    assert any("straightforward" in r.getMessage() for r in caplog.records)
+    assert res.steps == 2
+
+
+def test_eager_attention_and_last_layer(tiny):
+    """The additive float mask of eager attention; δ at the last layer (no layer recomputed)."""
+    arch, model, tok = tiny
+    pol = policy(arch, steps=4, early_stop_loss=0.0)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        assert model.config._attn_implementation == "eager"
+        slow, fast = both(tiny, SAME_SUBJECT, CONTEXTS, pol)
+        assert rel(fast.delta, slow.delta) < 1e-4
+    finally:
+        model.set_attn_implementation(before)
+    last = LAYER[arch][:-1] + str(model.config.num_hidden_layers - 1)
+    slow = optimize_value(model, tok, ONE, CONTEXTS, last, pol, None, seed=0)
+    fast = optimize_value_fast(model, tok, ONE, CONTEXTS, last, pol, None, seed=0)
+    assert fast.token_layer_passes == 0
+    assert rel(fast.delta, slow.delta) < 1e-4
