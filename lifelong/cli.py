@@ -228,12 +228,22 @@ def status(store, as_json):
 @main.command(context_settings=CONTEXT)
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 @click.option("--at", type=int, default=None, help="export the state after batch N without moving head")
+@click.option("--format", "fmt", type=click.Choice(["merged", "peft"]), default="merged", show_default=True,
+              help="merged: a transformers checkpoint; peft: a LoRA adapter over the unedited base model")
 @store_option
 @json_option
-def export(out, at, store, as_json):
-    """Write the model at head as a transformers checkpoint (loadable without lifelong)."""
-    res = _api().export(_store_path(store), out, at=at, log=_log)
-    _emit(res, as_json, lambda d: click.echo(f"exported head {d['head']} to {d['out']}"))
+def export(out, at, fmt, store, as_json):
+    """Write the model at head as a transformers checkpoint, or the edit as a PEFT LoRA adapter
+    (loadable without lifelong)."""
+    res = _api().export(_store_path(store), out, at=at, log=_log, format=fmt)
+
+    def text(d):
+        click.echo(f"exported head {d['head']} to {d['out']}")
+        if d.get("format") == "peft":
+            ranks = ", ".join(f"{l}: r={v['rank']}" for l, v in d["layers"].items())
+            click.echo(f"LoRA adapter ({ranks}) over the base model at {d['base_model']}")
+
+    _emit(res, as_json, text)
 
 
 @main.command("eval", context_settings=CONTEXT)
@@ -265,6 +275,32 @@ def ask(prompts, tokens, at, store, as_json):
     """
     res = _api().complete(_store_path(store), list(prompts), max_new_tokens=tokens, at=at, log=_log)
     _emit(res, as_json, lambda rows: [click.echo(f"{r['prompt']} →{r['completion']}") for r in rows])
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--inbox", required=True, type=click.Path(file_okay=False),
+              help="folder of pending *.jsonl fact files (done/ and failed/ are made inside it)")
+@click.option("--gate", "gates", multiple=True, metavar="NAME=VALUE",
+              help="override one policy gate for this run, e.g. --gate min_efficacy=0.8 (repeatable)")
+@click.option("--no-wait", is_flag=True, help="exit 1 at once if another refresh holds the inbox (or the store)")
+@store_option
+@json_option
+def refresh(inbox, gates, no_wait, store, as_json):
+    """Push every pending *.jsonl in INBOX (name order) through the policy gates.
+
+    A batch that fails a gate is rolled back (status rejected). Each file moves to
+    INBOX/done/ or INBOX/failed/ with NAME.report.json beside it. Exit 0 all passed,
+    3 a batch was rejected, 2 a file was invalid, 1 a push failed.
+
+    Example: lifelong refresh --inbox /srv/inbox --store stores/prod.h5
+    """
+    from . import refresh as refresh_mod
+
+    overrides = refresh_mod.parse_gates(gates)  # bad --gate: exit 2 before anything is touched
+    rep = refresh_mod.refresh(_store_path(store), inbox, gates=overrides, wait=not no_wait, log=_log)
+    if as_json:
+        _emit(rep.to_dict(), True, None)
+    sys.exit(rep.exit_code)
 
 
 if __name__ == "__main__":

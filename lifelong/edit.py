@@ -17,7 +17,9 @@ from .facts import Fact
 from .prompts import make_row, pad_rows
 from .trace import _Stop, _hidden, hooks, layer_name
 from .update import memit_update, projected_update
-from .values import ValueResult, optimize_value
+from .values import ValueResult
+from .values_batched import optimize_values_batched
+from .values_fast import optimize_value_fast
 from .weights import check_finite, get_module, materialize, module_name, read_matrix, write_matrix
 
 
@@ -108,8 +110,13 @@ def keys_and_outputs(model, tok, groups: list[Group], contexts: list[str], key_m
 
 def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
                  layer_ctx: dict[int, LayerContext], bank: ResidualBank,
-                 log=lambda msg: None, optimize=optimize_value) -> BatchEdit:
-    """Edit `model` in place with one batch of groups and return the factors applied."""
+                 log=lambda msg: None, optimize=None) -> BatchEdit:
+    """Edit `model` in place with one batch of groups and return the factors applied.
+
+    optimize: a per-group value optimizer (values.optimize_value's signature) to force
+    the sequential loop with it; by default groups are optimized jointly when alignment
+    is off (values_batched) and one after another, each aligned to the bank, when on.
+    """
     timings: dict[str, float] = {}
     layers = list(policy.layers)
     L = layers[-1]
@@ -123,12 +130,19 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     # values, one group after another, each aligned to the bank as it grows
     t = time.perf_counter()
     values: list[ValueResult] = []
-    for gi, g in enumerate(groups):
+    if optimize is None and not policy.align:
+        values = optimize_values_batched(model, tok, [g.facts for g in groups], contexts, out_layer, policy)
+        for gi, (g, res) in enumerate(zip(groups, values)):
+            bank.add(bank_keys[gi], res.delta, (-1, gi))
+        log(f"values of {len(groups)} groups optimized jointly: "
+            f"{sum(v.nll < policy.early_stop_loss for v in values)} reached the early stop, "
+            f"{sum(v.seconds for v in values):.1f}s")
+    for gi, g in enumerate(groups if not values else []):
         term = None
         if policy.align:
             term = bank.objective(bank_keys[gi], policy.tau, policy.top_m, policy.lambda_kl,
                                   policy.lambda_mse, next(model.parameters()).device)
-        res = optimize(model, tok, g.facts, contexts, out_layer, policy, term, seed=gi)
+        res = (optimize or optimize_value_fast)(model, tok, g.facts, contexts, out_layer, policy, term, seed=gi)
         values.append(res)
         bank.add(bank_keys[gi], res.delta, (-1, gi))
         log(f"value {gi + 1}/{len(groups)} {g.subject!r}: nll {res.nll_start:.2f} -> {res.nll:.3f} "

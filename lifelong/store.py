@@ -549,6 +549,7 @@ class Store:
                                  f"it must be migrated before it can be written",
                                  hint=f"run `lifelong migrate --store {self.path}`")
             _clean_stale(self.path, batches_too=False)
+            self._snap = snap  # reads during the transaction see what the lock holder sees
             tx = Transaction(self, snap)
             try:
                 yield tx

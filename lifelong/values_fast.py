@@ -123,8 +123,8 @@ class _FastForward:
         self.fact_rows = fact_rows
         self.r_idx = torch.tensor(fact_rows, device=device)[r_idx]
         self.p_idx, self.t_idx = p_idx, t_idx
-        self.ess = n - 1
-        self.ess_pos = g.rows[self.ess].prompt_len - 1
+        self.ess_rows = torch.tensor([i for i, f in enumerate(g.fact_of_row) if f < 0], device=device)
+        self.ess_pos = torch.tensor([g.rows[i].prompt_len - 1 for i in self.ess_rows.tolist()], device=device)
 
         # one ordinary pass (no grad): h^L everywhere, every layer's keys/values, and the
         # unedited log-probabilities
@@ -138,7 +138,9 @@ class _FastForward:
             h_last = out.last_hidden_state
             self.ref_tok_logp, self.ess_init = self._score_full(h_last)
         hL = got["h"]                                            # (n, T, d)
+        self.subj = subj
         self.h_norm = float(hL[0, subj[0]].float().norm())
+        self.h_at_subject = hL[torch.arange(n, device=device), subj].float()   # (n, d)
 
         # prefix keys/values of the layers after L, columns [0, max s)
         P = int(subj.max())
@@ -174,20 +176,24 @@ class _FastForward:
 
         # scored positions relative to each row's s
         self.p_rel = self.p_idx - subj[self.r_idx]
-        self.ess_rel = self.ess_pos - int(subj[self.ess])
+        self.ess_rel = self.ess_pos - subj[self.ess_rows]
+        self.score_rows = torch.cat([self.r_idx, self.ess_rows])
+        self.score_cols = torch.cat([self.p_rel, self.ess_rel])
+        self.n_tgt = len(self.r_idx)
         self.n_after = len(arch.layers) - arch.L - 1
 
     def _score_full(self, h: torch.Tensor):
         """(target log-probs, essence log-probs) from final hidden states (n, T, d)."""
         logp = torch.log_softmax(self.lm_head(h[self.r_idx, self.p_idx]).float(), dim=-1)
-        ess_logp = torch.log_softmax(self.lm_head(h[self.ess, self.ess_pos]).float(), dim=-1)
-        return logp.gather(1, self.t_idx[:, None])[:, 0], ess_logp
+        ess_logp = torch.log_softmax(self.lm_head(h[self.ess_rows, self.ess_pos]).float(), dim=-1)
+        return logp.gather(1, self.t_idx[:, None])[:, 0], ess_logp         # (n_tgt,), (n_ess, vocab)
 
     @property
     def token_layer_passes(self) -> int:
         return self.n_rows * self.S * self.n_after
 
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """delta: (d,) for every row, or (n_rows, d) one per row."""
         a = self.arch
         hs = self.h_suffix
         first = (hs[:, 0] + delta).to(hs.dtype)
@@ -200,11 +206,10 @@ class _FastForward:
         else:
             for i in range(a.L + 1, len(a.layers)):
                 h = _hidden(a.layers[i](h, past_key_values=self.kv, attention_mask=self.mask, use_cache=False))
-        tgt = a.norm(h[self.r_idx, self.p_rel])
-        logp = torch.log_softmax(self.lm_head(tgt).float(), dim=-1)
-        ess = a.norm(h[self.ess, self.ess_rel])
-        ess_logp = torch.log_softmax(self.lm_head(ess).float(), dim=-1)
-        return logp.gather(1, self.t_idx[:, None])[:, 0], ess_logp
+        # final norm and LM head only at the scored positions, in one product (the head's
+        # weights are read once per step): target positions, then the essence row's last
+        logp = torch.log_softmax(self.lm_head(a.norm(h[self.score_rows, self.score_cols])).float(), dim=-1)
+        return logp[: self.n_tgt].gather(1, self.t_idx[:, None])[:, 0], logp[self.n_tgt:]
 
 
 class _Unsupported(Exception):
@@ -258,7 +263,7 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
             nll_start = nll_val
         if nll_val < policy.early_stop_loss:
             break
-        kl = torch.sum(ess_init.exp() * (ess_init - ess_logp))
+        kl = torch.sum(ess_init.exp() * (ess_init - ess_logp))  # one essence row
         loss = nll + policy.kl_factor * kl + policy.weight_decay * delta.pow(2).sum() / h_norm**2
         if align is not None:
             loss = loss + align(delta)

@@ -367,6 +367,17 @@ def test_push_short_help_describes_its_options():
         assert opt in res.stdout
 
 
+@pytest.mark.parametrize("command", [["log"], ["status"], ["show", "1"], ["push", "FACTS"], ["rollback", "--to", "0"],
+                                     ["export", "--out", "OUT"], ["eval"]])
+def test_every_command_on_a_missing_store_exits_1_with_a_hint_and_creates_nothing(tmp_path, command):
+    facts = write_jsonl(tmp_path / "facts.jsonl", FACTS_1)
+    missing = tmp_path / "stores" / "none.h5"
+    args = [{"FACTS": facts, "OUT": tmp_path / "out"}.get(a, a) for a in command]
+    res = cli(*args, "--store", missing, code=1)
+    assert str(missing) in res.stderr and "lifelong init" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["facts.jsonl"]
+
+
 def test_log_on_missing_store_exits_1_with_a_hint_to_run_init(tmp_path):
     missing = tmp_path / "none.h5"
     res = subprocess.run(lifelong_cmd() + ["log", "--store", str(missing)], capture_output=True, text=True,
@@ -380,9 +391,10 @@ def test_log_on_missing_store_exits_1_with_a_hint_to_run_init(tmp_path):
 # ----------------------------------------------------------------------------- 7. SIGKILL during push
 
 # Where a kill's random delay starts counting, and the span it is drawn from:
-#   start  - from the process start, over the whole push (mostly imports and model load);
-#   edit   - from the "batch N: ..." log line, over the rest (values, update, evaluate, store);
-#   commit - from the last "value k/k" log line, over the rest (evaluate, store, print, exit).
+#   start  - the process start; the whole push (mostly imports and model load);
+#   edit   - the "batch N: ..." log line; the rest of the push (values, update, evaluate, store, exit);
+#   commit - the last "value k/k" log line; 1.5 x the time from there to the manifest's replacement
+#            (evaluate, batch file, manifest), so that some kills land inside the commit itself.
 PHASES = ("start", "edit", "commit")
 
 
@@ -391,7 +403,8 @@ class PushRun:
     """A `lifelong push` subprocess whose stderr lines are timestamped as they arrive."""
 
     proc: subprocess.Popen
-    t0: float
+    t0: float                     # time.monotonic() at the start
+    wall0: float                  # time.time() at the start (to compare with file mtimes)
     stdout_file: Path
     lines: list[tuple[float, str]] = field(default_factory=list)
     marks: dict[str, threading.Event] = field(default_factory=lambda: {p: threading.Event() for p in PHASES})
@@ -401,12 +414,12 @@ class PushRun:
     def start(cls, store: Path, facts: Path, *extra: str) -> "PushRun":
         out = store.parent / f"push-{time.monotonic_ns()}.stdout"
         with open(out, "wb") as fh:
-            t0 = time.monotonic()
+            wall0, t0 = time.time(), time.monotonic()
             proc = subprocess.Popen(lifelong_cmd() + ["push", str(facts), "--store", str(store), "--no-wait",
                                                       *extra],
                                     stdout=fh, stderr=subprocess.PIPE, env=process_env(),
                                     cwd=store.parent, text=True, errors="replace")
-        run = cls(proc, t0, out)
+        run = cls(proc, t0, wall0, out)
         run._mark("start")
         threading.Thread(target=run._read_stderr, daemon=True).start()
         return run
@@ -430,38 +443,55 @@ class PushRun:
 
 
 @pytest.fixture(scope="module")
-def push_timing(pushed, tmp_path_factory) -> dict[str, float]:
-    """One full `lifelong push --json` subprocess: when each phase begins and when it exits (s)."""
+def timed_push(pushed, tmp_path_factory) -> dict:
+    """One full `lifelong push --json` subprocess: its stderr lines, and per phase of PHASES
+    (when the phase starts, the span a kill delay is drawn from), in seconds."""
     d = tmp_path_factory.mktemp("timing")
     store = copy_store(pushed, d)
     run = PushRun.start(store, write_jsonl(d / "facts2.jsonl", FACTS_2), "--json")
     run.proc.wait(timeout=120)
     total = time.monotonic() - run.t0
+    committed = store.stat().st_mtime - run.wall0          # when the new manifest was written
     time.sleep(0.05)  # let the reader thread see the last lines
     assert run.proc.returncode == 0, run.stderr()
-    assert json.loads(run.stdout_file.read_text())["batch"] == 2                  # stdout of a real process is pure JSON
+    assert json.loads(run.stdout_file.read_text())["batch"] == 2   # stdout of a real process is pure JSON
     assert set(run.mark_t) == set(PHASES), run.stderr()
-    return {**run.mark_t, "exit": total}
+    t = run.mark_t
+    spans = {"start": (0.0, total), "edit": (t["edit"], total - t["edit"]),
+             "commit": (t["commit"], 1.5 * max(committed - t["commit"], 0.02))}
+    return {"spans": spans, "stderr": [line for _, line in run.lines]}
 
 
-def _killed_push_trial(pushed: Path, tmp_path: Path, timing: dict, trial: int, phase: str) -> None:
+@pytest.mark.xfail(strict=True, reason="transformers' own tqdm bars (Loading weights) reach a non-terminal "
+                                       "stderr; lifelong/models.py should disable them off a terminal")
+def test_push_off_a_terminal_logs_plain_lines_without_progress_bars(timed_push):
+    bars = [line for line in timed_push["stderr"] if re.search(r"\d+%\|", line)]
+    assert bars == []
+
+
+def _killed_push_trial(pushed: Path, tmp_path: Path, timed: dict, trial: int, phase: str) -> None:
+    spans = timed["spans"]
     seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    delay = rng.uniform(0, timing["exit"] - timing[phase])
+    delay = random.Random(seed).uniform(0, spans[phase][1])
     store = copy_store(pushed, tmp_path / "store")
+    objdir = store.with_name(store.name + ".d")
     facts = write_jsonl(tmp_path / "facts2.jsonl", FACTS_2)
     before = log_json(store)
 
     run = PushRun.start(store, facts)
-    if not run.marks[phase].wait(timeout=120):
-        run.proc.kill()
-        pytest.fail(f"push never reached phase {phase!r}:\n{run.stderr()}")
+    deadline = time.monotonic() + 120
+    while not run.marks[phase].wait(timeout=0.05):
+        if run.proc.poll() is not None or time.monotonic() > deadline:
+            run.proc.kill()
+            pytest.fail(f"push never reached phase {phase!r} (rc={run.proc.wait()}):\n{run.stderr()}")
     time.sleep(delay)
     run.proc.send_signal(signal.SIGKILL)
     rc = run.proc.wait(timeout=60)
     killed_at = time.monotonic() - run.t0
+    debris = sorted(p.name for p in list(store.parent.iterdir()) + list(objdir.iterdir())
+                    if ".tmp-" in p.name or p.name == "batch_000002.h5")
     where = (f"trial {trial}, phase {phase}, seed {seed}: SIGKILL {delay:.3f} s after {phase} "
-             f"(t={killed_at:.2f} s, rc={rc}; full push {timing})\n{run.stderr()}")
+             f"(t={killed_at:.2f} s, rc={rc}, left {debris}; calibration {spans})\n{run.stderr()}")
     assert rc in (0, -signal.SIGKILL), where               # finished, or killed: nothing else
 
     Store.open(store)                                      # opens (raises StoreError if not)
@@ -482,17 +512,17 @@ def _killed_push_trial(pushed: Path, tmp_path: Path, timing: dict, trial: int, p
     assert nxt["batch"] == len(after) + 1, where
     final = log_json(store)
     assert final[:-1] == after and final[-1]["id"] == nxt["batch"], where
-    left = [p.name for p in list(store.parent.iterdir()) + list(store.with_name(store.name + ".d").iterdir())
-            if ".tmp-" in p.name]
+    left = [p.name for p in list(store.parent.iterdir()) + list(objdir.iterdir()) if ".tmp-" in p.name]
     assert left == [], where
+    print(f"kill {where.splitlines()[0]} -> {'new' if after != before else 'old'}")
 
 
 @pytest.mark.parametrize("trial, phase", list(enumerate(("start", "edit", "commit", "commit"))))
-def test_push_killed_at_a_random_moment_leaves_old_or_new_store(pushed, tmp_path, push_timing, trial, phase):
-    _killed_push_trial(pushed, tmp_path, push_timing, trial, phase)
+def test_push_killed_at_a_random_moment_leaves_old_or_new_store(pushed, tmp_path, timed_push, trial, phase):
+    _killed_push_trial(pushed, tmp_path, timed_push, trial, phase)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trial, phase", [(i, PHASES[i % 3]) for i in range(25)])
-def test_push_killed_at_a_random_moment_leaves_old_or_new_store_many(pushed, tmp_path, push_timing, trial, phase):
-    _killed_push_trial(pushed, tmp_path, push_timing, trial, phase)
+def test_push_killed_at_a_random_moment_leaves_old_or_new_store_many(pushed, tmp_path, timed_push, trial, phase):
+    _killed_push_trial(pushed, tmp_path, timed_push, trial, phase)

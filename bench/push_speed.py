@@ -1,0 +1,152 @@
+"""Push speed: the straightforward value loop against lifelong's, side by side, one process.
+
+On the same store, facts, seeds and steps, runs one batch edit with
+`values.optimize_value` (every row through every layer at every step) and one with
+`values_fast.optimize_value_fast` (only what depends on δ), from the same head weights,
+and reports seconds per fact, token-layer passes per step, the ratio, the relative δ
+difference and the per-fact strict efficacy of both. Also times `init`'s preserved
+statistics per 10k corpus tokens. Writes a markdown report.
+
+    python bench/push_speed.py --facts 10 --out bench/out/push_speed.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lifelong import api, history
+from lifelong.edit import Group, compute_edit
+from lifelong.evaluation import score_facts
+from lifelong.facts import load_facts
+from lifelong.session import Session
+from lifelong.store import Store
+from lifelong.values import optimize_value
+from lifelong.values_fast import optimize_value_fast
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def clean_corpus(dst: Path, lines: int) -> Path:
+    import re
+
+    out = []
+    for line in (SHARED / "corpus" / "wikitext2_valid.txt").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("=") and "<unk>" not in line:
+            out.append(re.sub(r" @(.)@ ", r"\1", line))
+        if len(out) >= lines:
+            break
+    dst.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return dst
+
+
+def run_edit(session: Session, facts, optimizer, policy, store) -> tuple[float, list, object]:
+    """One batch edit from the current head with `optimizer`; weights restored afterwards."""
+    saved = session.current()
+    groups = [Group(f.subject, [f]) for f in facts]
+    live = history.live_groups(store.records)
+    layer_ctx, bank = api.protection(store, policy, live, "cpu", session.model.config.hidden_size)
+    t = time.perf_counter()
+    edit = compute_edit(session.model, session.tok, groups, session.contexts, policy, layer_ctx, bank,
+                        optimize=optimizer)
+    seconds = time.perf_counter() - t
+    scores = score_facts(session.model, session.tok, facts)
+    session.apply(saved)
+    return seconds, scores, edit
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--facts", type=int, default=10)
+    ap.add_argument("--skip", type=int, default=200, help="first dev line to use")
+    ap.add_argument("--corpus-tokens", type=int, default=100_000)
+    ap.add_argument("--out", default="bench/out/push_speed.md")
+    args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="lifelong-speed-"))
+    res: dict = {"facts": args.facts, "threads": torch.get_num_threads()}
+
+    # init: preserved statistics over corpus text (timed per 10k tokens)
+    from lifelong.policy import find_policy, load_policy
+
+    pol = load_policy(find_policy("smollm2-135m")).with_overrides(corpus_tokens=args.corpus_tokens)
+    pol_file = tmp / "policy.json"
+    pol_file.write_text(pol.model_dump_json())
+    yaml_file = tmp / "policy.yaml"
+    import yaml
+
+    yaml_file.write_text(yaml.safe_dump(json.loads(pol.model_dump_json())))
+    corpus = clean_corpus(tmp / "corpus.txt", lines=20_000)
+    t = time.perf_counter()
+    api.init(tmp / "s.h5", model="smollm2-135m", policy=str(yaml_file), corpus=str(corpus), log=lambda m: None)
+    res["init_seconds"] = time.perf_counter() - t
+    store = Store.open(tmp / "s.h5")
+    res["init_corpus_tokens"] = store.info["corpus_tokens"]
+    res["init_seconds_per_10k_tokens"] = res["init_seconds"] / (res["init_corpus_tokens"] / 1e4)
+
+    rows = (SHARED / "counterfact" / "counterfact_dev_3000.jsonl").read_text().splitlines()
+    batch = tmp / "batch.jsonl"
+    batch.write_text("\n".join(rows[args.skip : args.skip + args.facts]) + "\n")
+    facts = load_facts(batch).facts
+    session = Session.open(store, log=lambda m: None)
+    policy = session.policy
+
+    slow_s, slow_scores, slow_edit = run_edit(session, facts, optimize_value, policy, store)
+    fast_s, fast_scores, fast_edit = run_edit(session, facts, optimize_value_fast, policy, store)
+    rel = [float((a.delta - b.delta).norm() / b.delta.norm().clamp(min=1e-12))
+           for a, b in zip(fast_edit.values, slow_edit.values)]
+    res.update({
+        "straightforward_s_per_fact": slow_s / len(facts),
+        "fast_s_per_fact": fast_s / len(facts),
+        "speedup": slow_s / fast_s,
+        "values_s_per_fact": {"straightforward": slow_edit.timings["values"] / len(facts),
+                              "fast": fast_edit.timings["values"] / len(facts)},
+        "passes_per_step": {"straightforward": sum(v.token_layer_passes for v in slow_edit.values) / len(facts),
+                            "fast": sum(v.token_layer_passes for v in fast_edit.values) / len(facts)},
+        "steps": {"straightforward": [v.steps for v in slow_edit.values], "fast": [v.steps for v in fast_edit.values]},
+        "delta_rel_diff_max": max(rel),
+        "efficacy": {"straightforward": [bool(s.efficacy) for s in slow_scores],
+                     "fast": [bool(s.efficacy) for s in fast_scores]},
+    })
+    res["same_efficacy"] = res["efficacy"]["straightforward"] == res["efficacy"]["fast"]
+    write_report(Path(args.out), res, argv if argv is not None else sys.argv[1:])
+    print(json.dumps(res, indent=2))
+    return res
+
+
+def write_report(out: Path, res: dict, argv) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    p = res["passes_per_step"]
+    lines = [
+        "# Push speed on SmolLM2-135M (this CPU)",
+        "",
+        f"`python bench/push_speed.py {' '.join(argv)}` — {res['facts']} CounterFact dev facts, one batch, "
+        f"torch threads {res['threads']}, same seeds and steps for both loops.",
+        "",
+        "| | straightforward loop | lifelong | ratio |",
+        "|---|---:|---:|---:|",
+        f"| seconds per fact (whole edit) | {res['straightforward_s_per_fact']:.2f} | {res['fast_s_per_fact']:.2f} | "
+        f"{res['speedup']:.1f}× |",
+        f"| seconds per fact (value optimization) | {res['values_s_per_fact']['straightforward']:.2f} | "
+        f"{res['values_s_per_fact']['fast']:.2f} | "
+        f"{res['values_s_per_fact']['straightforward'] / res['values_s_per_fact']['fast']:.1f}× |",
+        f"| token-layer passes per step (mean per fact) | {p['straightforward']:.0f} | {p['fast']:.0f} | "
+        f"{p['straightforward'] / p['fast']:.1f}× |",
+        f"| strict efficacy | {sum(res['efficacy']['straightforward'])}/{res['facts']} | "
+        f"{sum(res['efficacy']['fast'])}/{res['facts']} | same per fact: {res['same_efficacy']} |",
+        "",
+        f"Largest relative difference of δ between the two loops: {res['delta_rel_diff_max']:.2e} (target ≤ 1e-4).",
+        "",
+        f"`init` preserved statistics over {res['init_corpus_tokens']} corpus tokens: {res['init_seconds']:.1f} s "
+        f"({res['init_seconds_per_10k_tokens']:.1f} s per 10k tokens; target: 100k tokens < 120 s).",
+    ]
+    out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

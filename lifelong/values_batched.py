@@ -1,0 +1,117 @@
+"""Target values of many groups at once, when alignment does not chain them.
+
+Without the EAMET term, each group's loss depends only on its own δ and its own rows,
+so optimizing all groups together — δ as a (G, d) tensor, loss summed over groups — is
+the per-group optimization exactly: Adam is element-wise, the clamp and weight decay are
+per group, and a group that reaches its early stop is frozen (its δ restored after
+every later step). What changes is the cost: each step reads the decoder's weights once
+for every group instead of once per group, which is what a small-token step on a CPU
+is bound by. With alignment on, each group must see the residuals of the groups before
+it, so `compute_edit` keeps the sequential loop.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .facts import Fact
+from .values import GroupRows, ValueResult
+from .values_fast import _CHECK_TOL, _CHECK_TOL_LOW, _FastForward, _recognise, _Unsupported, optimize_value_fast
+
+log = logging.getLogger(__name__)
+
+WAVE = 16  # groups per joint optimization: bounds activation memory (~40 MB per group on SmolLM2)
+
+
+def optimize_values_batched(model, tok, groups: list[list[Fact]], contexts: list[str], layer_module: str,
+                            policy, seed: int = 0, wave: int = WAVE) -> list[ValueResult]:
+    """One ValueResult per group, equal to optimize_value_fast(...) run group by group with align=None."""
+    out: list[ValueResult] = []
+    for start in range(0, len(groups), wave):
+        out.extend(_optimize_wave(model, tok, groups[start : start + wave], contexts, layer_module, policy,
+                                  seed + start))
+    return out
+
+
+def _sequential(model, tok, groups, contexts, layer_module, policy, seed) -> list[ValueResult]:
+    return [optimize_value_fast(model, tok, g, contexts, layer_module, policy, None, seed=seed + i)
+            for i, g in enumerate(groups)]
+
+
+def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> list[ValueResult]:
+    t0 = time.perf_counter()
+    arch = _recognise(model, layer_module)
+    if isinstance(arch, str):
+        return _sequential(model, tok, groups, contexts, layer_module, policy, seed)
+    device = next(model.parameters()).device
+
+    # every group's rows in one table; fact indices made global, essence rows kept (-1)
+    rows, fact_of_row, group_of_row, first_row, fact_group = [], [], [], [], []
+    for gi, facts in enumerate(groups):
+        g = GroupRows.build(tok, facts, contexts)
+        first_row.append(len(rows))
+        base = len(fact_group)
+        rows += g.rows
+        fact_of_row += [f + base if f >= 0 else -1 for f in g.fact_of_row]
+        group_of_row += [gi] * len(g.rows)
+        fact_group += [gi] * g.n_facts
+    table = GroupRows(rows, fact_of_row, len(fact_group))
+    try:
+        fwd = _FastForward(model, arch, layer_module, table, tok.pad_token_id)
+    except (_Unsupported, AttributeError, IndexError) as e:
+        log.warning("joint value optimization unavailable (%s): one group at a time", e)
+        return _sequential(model, tok, groups, contexts, layer_module, policy, seed)
+
+    G, n_ctx = len(groups), len(contexts)
+    row_group = torch.tensor(group_of_row, device=device)                       # (n_rows,)
+    h_norm = fwd.h_at_subject[torch.tensor(first_row, device=device)].norm(dim=-1)  # (G,)
+    ess_init = fwd.ess_init                                                     # (G, vocab)
+    delta = torch.zeros(G, fwd.h_suffix.shape[-1], device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=policy.lr)
+    tol = _CHECK_TOL.get(fwd.h_suffix.dtype, _CHECK_TOL_LOW)
+    fact_rows = torch.tensor(fwd.fact_rows, device=device)
+    fact_row_group = row_group[fact_rows]
+
+    active = torch.ones(G, dtype=torch.bool, device=device)
+    steps = torch.zeros(G, dtype=torch.long)
+    nll_start = nll_last = None
+    for step in range(policy.steps):
+        tok_logp, ess_logp = fwd(delta[row_group])
+        if step == 0:
+            err = max(float((tok_logp.detach() - fwd.ref_tok_logp).abs().max()),
+                      float((ess_logp.detach() - ess_init).abs().max()))
+            if not err <= tol:
+                log.warning("joint value forward differs by %.3g at δ = 0: one group at a time", err)
+                return _sequential(model, tok, groups, contexts, layer_module, policy, seed)
+        row_nll = torch.zeros(fwd.n_rows, device=device).index_add(0, fwd.r_idx, -tok_logp)
+        row_len = torch.zeros(fwd.n_rows, device=device).index_add(0, fwd.r_idx, torch.ones_like(tok_logp))
+        per_row = row_nll[fact_rows] / row_len[fact_rows]
+        nll = torch.zeros(G, device=device).index_add(0, fact_row_group, per_row) / n_ctx   # (G,)
+        nll_now = nll.detach().cpu()
+        if nll_start is None:
+            nll_start, nll_last = nll_now.clone(), nll_now.clone()
+        nll_last[active.cpu()] = nll_now[active.cpu()]
+        active = active & (nll.detach() >= policy.early_stop_loss)
+        if not bool(active.any()):
+            break
+        kl = torch.sum(ess_init.exp() * (ess_init - ess_logp), dim=-1)          # (G,)
+        wd = delta.pow(2).sum(-1) / h_norm**2
+        loss = ((nll + policy.kl_factor * kl + policy.weight_decay * wd) * active).sum()
+        frozen = delta.detach().clone()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            delta[~active] = frozen[~active]                                    # stopped groups stay put
+            cap = policy.clamp_norm_factor * h_norm                             # (G,)
+            norm = delta.norm(dim=-1)
+            scale = torch.where(active & (norm > cap), cap / norm.clamp(min=1e-30), torch.ones_like(norm))
+            delta.mul_(scale[:, None])
+        steps[active.cpu()] += 1
+    seconds = (time.perf_counter() - t0) / G
+    passes = fwd.token_layer_passes / G
+    return [ValueResult(delta=delta[g].detach().clone(), h_norm=float(h_norm[g]), steps=int(steps[g]),
+                        nll=float(nll_last[g]), nll_start=float(nll_start[g]), seconds=seconds,
+                        token_layer_passes=int(passes)) for g in range(G)]
