@@ -187,7 +187,8 @@ def push(path, fact_file, dry_run: bool = False, log=_quiet, wait: bool = True,
     store = Store.open(path)
     try:
         with store.writer(wait=wait) as tx:
-            report = _push_locked(store, tx, ff, str(fact_file), dry_run, log, policy_overrides, t_all)
+            report = _push_locked(store, tx, ff, str(Path(fact_file).resolve()), dry_run, log,
+                                  policy_overrides, t_all)
             if dry_run:
                 raise _DryRun
     except _DryRun:

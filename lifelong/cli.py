@@ -20,6 +20,10 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 def _api():
     from . import api  # torch is imported here, only by commands that need it
 
+    if not sys.stderr.isatty():  # off a terminal: plain log lines only (DESIGN §2)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return api
 
 

@@ -65,30 +65,36 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
         return _sequential(model, tok, groups, contexts, layer_module, policy, seed)
 
     G, n_ctx = len(groups), len(contexts)
-    row_group = torch.tensor(group_of_row, device=device)                       # (n_rows,)
+    row_group_all = torch.tensor(group_of_row, device=device)                   # (n_rows,)
     h_norm = fwd.h_at_subject[torch.tensor(first_row, device=device)].norm(dim=-1)  # (G,)
-    ess_init = fwd.ess_init                                                     # (G, vocab)
     delta = torch.zeros(G, fwd.h_suffix.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=policy.lr)
     tol = _CHECK_TOL.get(fwd.h_suffix.dtype, _CHECK_TOL_LOW)
-    fact_rows = torch.tensor(fwd.fact_rows, device=device)
-    fact_row_group = row_group[fact_rows]
 
     active = torch.ones(G, dtype=torch.bool, device=device)
     steps = torch.zeros(G, dtype=torch.long)
     nll_start = nll_last = None
+    view, groups_in_view = fwd, torch.arange(G, device=device)
+    passes = 0
     for step in range(policy.steps):
-        tok_logp, ess_logp = fwd(delta[row_group])
+        if len(groups_in_view) != int(active.sum()):  # some groups stopped: compute only the rest
+            groups_in_view = active.nonzero()[:, 0]
+            view = fwd.select(torch.isin(row_group_all, groups_in_view).nonzero()[:, 0])
+        row_group = row_group_all[torch.isin(row_group_all, groups_in_view)]     # (view rows,)
+        tok_logp, ess_logp = view(delta[row_group])
+        passes += view.token_layer_passes
+        ess_init = fwd.ess_init[groups_in_view]                                  # (g, vocab)
         if step == 0:
             err = max(float((tok_logp.detach() - fwd.ref_tok_logp).abs().max()),
                       float((ess_logp.detach() - ess_init).abs().max()))
             if not err <= tol:
                 log.warning("joint value forward differs by %.3g at δ = 0: one group at a time", err)
                 return _sequential(model, tok, groups, contexts, layer_module, policy, seed)
-        row_nll = torch.zeros(fwd.n_rows, device=device).index_add(0, fwd.r_idx, -tok_logp)
-        row_len = torch.zeros(fwd.n_rows, device=device).index_add(0, fwd.r_idx, torch.ones_like(tok_logp))
+        fact_rows = torch.tensor(view.fact_rows, device=device, dtype=torch.long)
+        row_nll = torch.zeros(view.n_rows, device=device).index_add(0, view.r_idx, -tok_logp)
+        row_len = torch.zeros(view.n_rows, device=device).index_add(0, view.r_idx, torch.ones_like(tok_logp))
         per_row = row_nll[fact_rows] / row_len[fact_rows]
-        nll = torch.zeros(G, device=device).index_add(0, fact_row_group, per_row) / n_ctx   # (G,)
+        nll = torch.zeros(G, device=device).index_add(0, row_group[fact_rows], per_row) / n_ctx   # (G,)
         nll_now = nll.detach().cpu()
         if nll_start is None:
             nll_start, nll_last = nll_now.clone(), nll_now.clone()
@@ -96,7 +102,8 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
         active = active & (nll.detach() >= policy.early_stop_loss)
         if not bool(active.any()):
             break
-        kl = torch.sum(ess_init.exp() * (ess_init - ess_logp), dim=-1)          # (G,)
+        kl = torch.zeros(G, device=device).index_copy(
+            0, groups_in_view, torch.sum(ess_init.exp() * (ess_init - ess_logp), dim=-1))   # (G,)
         wd = delta.pow(2).sum(-1) / h_norm**2
         loss = ((nll + policy.kl_factor * kl + policy.weight_decay * wd) * active).sum()
         frozen = delta.detach().clone()
@@ -111,7 +118,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
             delta.mul_(scale[:, None])
         steps[active.cpu()] += 1
     seconds = (time.perf_counter() - t0) / G
-    passes = fwd.token_layer_passes / G
+    passes = passes / max(1, int(steps.max())) / G  # mean per step and group
     return [ValueResult(delta=delta[g].detach().clone(), h_norm=float(h_norm[g]), steps=int(steps[g]),
                         nll=float(nll_last[g]), nll_start=float(nll_start[g]), seconds=seconds,
                         token_layer_passes=int(passes)) for g in range(G)]

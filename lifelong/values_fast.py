@@ -26,6 +26,7 @@ with a log line.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -187,6 +188,27 @@ class _FastForward:
         logp = torch.log_softmax(self.lm_head(h[self.r_idx, self.p_idx]).float(), dim=-1)
         ess_logp = torch.log_softmax(self.lm_head(h[self.ess_rows, self.ess_pos]).float(), dim=-1)
         return logp.gather(1, self.t_idx[:, None])[:, 0], ess_logp         # (n_tgt,), (n_ess, vocab)
+
+    def select(self, keep: torch.Tensor) -> "_FastForward":
+        """A view computing only rows `keep` (sorted indices): the steps of a joint
+        optimization skip groups that reached their early stop. Scores keep their order."""
+        view = copy.copy(self)
+        remap = torch.full((self.n_rows,), -1, dtype=torch.long, device=keep.device)
+        remap[keep] = torch.arange(len(keep), device=keep.device)
+        view.h_suffix = self.h_suffix[keep]
+        view.position_ids = self.position_ids[keep]
+        view.mask = self.mask[keep]
+        view.kv = _PrefixKV({i: (k[keep], v[keep]) for i, (k, v) in self.kv.kv.items()})
+        sel_t = remap[self.r_idx] >= 0
+        sel_e = remap[self.ess_rows] >= 0
+        view.r_idx, view.t_idx, view.p_rel = remap[self.r_idx[sel_t]], self.t_idx[sel_t], self.p_rel[sel_t]
+        view.ess_rows, view.ess_rel = remap[self.ess_rows[sel_e]], self.ess_rel[sel_e]
+        view.score_rows = torch.cat([view.r_idx, view.ess_rows])
+        view.score_cols = torch.cat([view.p_rel, view.ess_rel])
+        view.n_tgt = int(sel_t.sum())
+        view.n_rows = len(keep)
+        view.fact_rows = [int(remap[i]) for i in self.fact_rows if remap[i] >= 0]
+        return view
 
     @property
     def token_layer_passes(self) -> int:

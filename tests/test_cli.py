@@ -462,8 +462,6 @@ def timed_push(pushed, tmp_path_factory) -> dict:
     return {"spans": spans, "stderr": [line for _, line in run.lines]}
 
 
-@pytest.mark.xfail(strict=True, reason="transformers' own tqdm bars (Loading weights) reach a non-terminal "
-                                       "stderr; lifelong/models.py should disable them off a terminal")
 def test_push_off_a_terminal_logs_plain_lines_without_progress_bars(timed_push):
     bars = [line for line in timed_push["stderr"] if re.search(r"\d+%\|", line)]
     assert bars == []
