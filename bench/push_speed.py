@@ -7,7 +7,7 @@ and reports seconds per fact, token-layer passes per step, the ratio, the relati
 difference and the per-fact strict efficacy of both. Also times `init`'s preserved
 statistics per 10k corpus tokens. Writes a markdown report.
 
-    python bench/push_speed.py --facts 10 --out bench/out/push_speed.md
+    python bench/push_speed.py --facts 10 --out bench/reports/push_speed.md
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--facts", type=int, default=10)
     ap.add_argument("--skip", type=int, default=200, help="first dev line to use")
     ap.add_argument("--corpus-tokens", type=int, default=100_000)
-    ap.add_argument("--out", default="bench/out/push_speed.md")
+    ap.add_argument("--out", default="bench/reports/push_speed.md")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="lifelong-speed-"))
     res: dict = {"facts": args.facts, "threads": torch.get_num_threads()}

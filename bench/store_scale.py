@@ -6,7 +6,7 @@ pushes record them, then times what an operator runs: opening the store, `log`,
 `rollback --to N`, and the store-side bookkeeping of a push (planning groups, loading
 the protection set and residual bank, committing a batch). Writes a markdown report.
 
-    python bench/store_scale.py --edits 10000 --batch 50 --out bench/out/store_scale.md
+    python bench/store_scale.py --edits 10000 --batch 50 --out bench/reports/store_scale.md
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--edits", type=int, default=10_000)
     ap.add_argument("--batch", type=int, default=50)
-    ap.add_argument("--out", default="bench/out/store_scale.md")
+    ap.add_argument("--out", default="bench/reports/store_scale.md")
     ap.add_argument("--push-seconds-per-fact", type=float, default=None,
                     help="measured push cost per fact, to express bookkeeping as a share of a push")
     args = ap.parse_args(argv)

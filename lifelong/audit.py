@@ -43,3 +43,15 @@ def status(path) -> dict:
         "batches": len(recs), "by_status": counts, "live_facts": len(history.live_facts(recs)),
         "null_space": store.info.get("layers"), "created": store.created,
     }
+
+
+def migrate(path) -> dict:
+    """Rewrite an older store at the current format version (numbered migrations, recorded)."""
+    from pathlib import Path
+
+    from .store import FORMAT_VERSION, _read_manifest
+
+    p = Path(path)
+    store = Store(p, _read_manifest(p, migrate_all=True))
+    steps = store.migrate()
+    return {"store": str(p), "migrated_from": steps, "format_version": FORMAT_VERSION}

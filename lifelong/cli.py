@@ -230,6 +230,19 @@ def status(store, as_json):
 
 
 @main.command(context_settings=CONTEXT)
+@store_option
+@json_option
+def migrate(store, as_json):
+    """Rewrite an older store at this version's format (each migration is recorded in the store)."""
+    from .audit import migrate as migrate_store
+
+    res = migrate_store(_store_path(store))
+    _emit(res, as_json, lambda d: click.echo(
+        f"{d['store']}: migrated from format {d['migrated_from']} to {d['format_version']}"
+        if d["migrated_from"] else f"{d['store']}: already at format {d['format_version']}"))
+
+
+@main.command(context_settings=CONTEXT)
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 @click.option("--at", type=int, default=None, help="export the state after batch N without moving head")
 @click.option("--format", "fmt", type=click.Choice(["merged", "peft"]), default="merged", show_default=True,

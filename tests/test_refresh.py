@@ -273,7 +273,7 @@ def test_a_second_refresh_waits_for_the_inbox_lock(store, inbox):
     def other_refresh():
         with filelock.FileLock(str(inbox / rf.LOCK_NAME)):
             held.set()
-            time.sleep(0.5)
+            time.sleep(3.0)  # long enough for refresh to find the lock held, even on a loaded machine
             released.append(time.monotonic())
 
     t = threading.Thread(target=other_refresh)

@@ -456,3 +456,26 @@ def test_ten_thousand_batches(tmp_path):
     t3 = time.perf_counter()
     print(f"open {t1 - t0:.3f} s, parse {n} records {t2 - t1:.3f} s, append commit {t3 - t2:.3f} s")
     assert [r.id for r in Store.open(st.path).records][-2:] == [10_000, 10_001]
+
+
+def test_migrate_command_upgrades_an_older_store(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lifelong.cli import main
+
+    st = _make_old(tmp_path)
+    monkeypatch.setattr(store_mod, "MIGRATIONS", {})
+
+    @store_mod.migration(FORMAT_VERSION - 1, read_compatible=False)
+    def up(m):
+        return m
+
+    runner = CliRunner()
+    refused = runner.invoke(main, ["log", "--store", str(st.path)])
+    assert refused.exit_code == 1 and "lifelong migrate" in refused.output
+    res = runner.invoke(main, ["migrate", "--store", str(st.path)])
+    assert res.exit_code == 0, res.output
+    assert f"migrated from format [{FORMAT_VERSION - 1}]" in res.output
+    assert Store.open(st.path).format_version == FORMAT_VERSION
+    again = runner.invoke(main, ["migrate", "--store", str(st.path)])
+    assert again.exit_code == 0 and "already at format" in again.output
