@@ -248,6 +248,7 @@ def refresh(store_path, inbox, gates: dict | None = None, wait: bool = True, log
         names: list[str] = []
         try:
             run.resume(store)
+            run.clean_debris()
             names = run.scan()
             for name in names:
                 run.process(name)
@@ -446,6 +447,9 @@ class _Run:
             rep["moved_to"] = str(Path(folder.name) / dest)
             report_path = folder / (dest + REPORT_SUFFIX)
             tmp = folder / f".{dest}{REPORT_SUFFIX}.tmp-{os.getpid()}"
+            # the next run finishes a move a kill interrupts: it needs to know where to
+            self.write_state({**self.read_state(), "file": name, "dest_folder": folder.name, "dest": dest,
+                              "report_tmp": tmp.name})
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(rep, fh, indent=2, ensure_ascii=False, default=str)
                 fh.write("\n")
@@ -475,6 +479,45 @@ class _Run:
             os.fsync(fh.fileno())
         os.replace(tmp, p)
 
+    def read_state(self) -> dict:
+        try:
+            state = json.loads((self.inbox / STATE_NAME).read_text(encoding="utf-8"))
+            return state if isinstance(state, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def clean_debris(self) -> None:
+        """Temp files of killed runs (this run holds the inbox lock, so none is live)."""
+        patterns = [(self.inbox, STATE_NAME + ".tmp-*")] + [
+            (self.inbox / d, f".*{REPORT_SUFFIX}.tmp-*") for d in (DONE, FAILED)]
+        for folder, pattern in patterns:
+            for p in folder.glob(pattern) if folder.is_dir() else []:
+                try:
+                    p.unlink()
+                    self.log(f"removed {p.name}, left by an interrupted refresh")
+                except OSError:
+                    pass
+
+    def finish_interrupted_move(self, state: dict) -> bool:
+        """Complete a move to done/ or failed/ that a kill cut; True if it was one."""
+        if "dest" not in state:
+            return False
+        name, folder = state["file"], self.inbox / state["dest_folder"]
+        moved, report = folder / state["dest"], folder / (state["dest"] + REPORT_SUFFIX)
+        tmp = folder / state["report_tmp"]
+        if (self.inbox / name).exists() or not moved.exists():
+            return False  # the file never moved: the normal recovery applies
+        if not report.exists():
+            if tmp.exists():
+                os.rename(tmp, report)
+            else:
+                report.write_text(json.dumps({"file": name, "status": OK if folder.name == DONE else ERROR,
+                                              "recovered": True, "batch": state.get("batch")}, indent=2) + "\n")
+            _fsync_dir(folder)
+        self.log(f"finished moving {name} to {folder.name}/ after an interrupted refresh")
+        self.clear_state()
+        return True
+
     def clear_state(self) -> None:
         try:
             os.unlink(self.inbox / STATE_NAME)
@@ -486,6 +529,11 @@ class _Run:
         p = self.inbox / STATE_NAME
         try:
             state = json.loads(p.read_text(encoding="utf-8"))
+            if self.finish_interrupted_move(state):
+                return
+            if "source" not in state:  # a file that was never pushed: it is simply still pending
+                self.clear_state()
+                return
             name, source, sha, first = state["file"], state["source"], state["sha256"], int(state["first_id"])
         except FileNotFoundError:
             return
