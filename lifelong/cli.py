@@ -291,7 +291,11 @@ def ask(prompts, tokens, at, store, as_json):
     Example: lifelong ask "The mother tongue of Danielle Darrieux is"
     """
     res = _api().complete(_store_path(store), list(prompts), max_new_tokens=tokens, at=at, log=_log)
-    _emit(res, as_json, lambda rows: [click.echo(f"{r['prompt']} →{r['completion']}") for r in rows])
+    def text(rows):
+        for r in rows:  # one line per prompt: show line breaks of the completion as ⏎
+            click.echo(f"{r['prompt']} →{r['completion'].replace(chr(10), ' ⏎ ')}")
+
+    _emit(res, as_json, text)
 
 
 @main.command(context_settings=CONTEXT)
