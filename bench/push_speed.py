@@ -115,6 +115,7 @@ def main(argv=None) -> dict:
     })
     res["same_efficacy"] = res["efficacy"]["straightforward"] == res["efficacy"]["fast"]
     write_report(Path(args.out), res, argv if argv is not None else sys.argv[1:])
+    Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
     return res
 

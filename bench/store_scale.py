@@ -86,6 +86,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--push-seconds-per-fact", type=float, default=None,
                     help="measured push cost per fact, to express bookkeeping as a share of a push")
     args = ap.parse_args(argv)
+    speed = Path(args.out).with_name("push_speed.json")
+    if args.push_seconds_per_fact is None and speed.exists():  # from `bench/push_speed.py`, if it ran
+        args.push_seconds_per_fact = json.loads(speed.read_text())["fast_s_per_fact"]
     tmp = Path(tempfile.mkdtemp(prefix="lifelong-scale-"))
     try:
         path = tmp / "store.h5"
@@ -118,6 +121,7 @@ def main(argv=None) -> dict:
         if args.push_seconds_per_fact:
             total = bookkeeping + args.push_seconds_per_fact * args.batch
             res["push_bookkeeping_share"] = bookkeeping / total
+            res["push_seconds_per_fact"] = args.push_seconds_per_fact
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_report(Path(args.out), res, argv if argv is not None else sys.argv[1:])
@@ -145,7 +149,8 @@ def write_report(out: Path, res: dict, argv) -> None:
         f"Store size: {res['bytes_per_edit'] / 1000:.1f} kB per edit (target < 150 kB).",
     ]
     if "push_bookkeeping_share" in res:
-        lines.append(f"Push bookkeeping share of a {res['batch_size']}-fact push: "
+        lines.append(f"Push bookkeeping share of a {res['batch_size']}-fact push at "
+                     f"{res['push_seconds_per_fact']:.2f} s per fact (bench/reports/push_speed.json): "
                      f"{res['push_bookkeeping_share']:.1%} (target < 5 %).")
     out.write_text("\n".join(lines) + "\n")
 

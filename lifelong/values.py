@@ -62,6 +62,48 @@ def _decoder(model):
     return model.base_model
 
 
+class _Abort(Exception):
+    """Raised by a first-step check to give up on a loop (the caller falls back)."""
+
+
+def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_ctx: int, ess_init,
+              h_norm: float, policy, align, check_first=None) -> tuple[int, float, float]:
+    """The value optimization loop shared by every forward implementation.
+
+    forward() -> (log-prob of each scored target token (n_tgt,), essence log-probs (1, vocab)
+    or (vocab,)); per step: per-row mean NLL over target tokens, mean over contexts, summed
+    over facts; early stop on that NLL; then KL, weight decay, alignment, Adam, clamp.
+    Returns (steps taken, first NLL, last NLL). check_first(tok_logp, ess_logp) may raise _Abort.
+    """
+    device = delta.device
+    nll_start, steps, nll_val = None, 0, float("nan")
+    for step in range(policy.steps):
+        tok_logp, ess_logp = forward()
+        if step == 0 and check_first is not None:
+            check_first(tok_logp.detach(), ess_logp.detach())
+        row_nll = torch.zeros(n_rows, device=device).index_add(0, r_idx, -tok_logp)
+        row_len = torch.zeros(n_rows, device=device).index_add(0, r_idx, torch.ones_like(tok_logp))
+        nll = (row_nll[fact_rows] / row_len[fact_rows]).sum() / n_ctx
+        nll_val = float(nll.detach())
+        if nll_start is None:
+            nll_start = nll_val
+        if nll_val < policy.early_stop_loss:
+            break
+        kl = torch.sum(ess_init.exp() * (ess_init - ess_logp))
+        loss = nll + policy.kl_factor * kl + policy.weight_decay * delta.pow(2).sum() / h_norm**2
+        if align is not None:
+            loss = loss + align(delta)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps = step + 1
+        with torch.no_grad():
+            cap = policy.clamp_norm_factor * h_norm
+            if delta.norm() > cap:
+                delta.mul_(cap / delta.norm())
+    return steps, nll_start if nll_start is not None else nll_val, nll_val
+
+
 def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_module: str,
                    policy, align: AlignmentTerm | None, seed: int = 0) -> ValueResult:
     """Optimize one group's δ (the straightforward loop: every row, every layer, every step)."""
@@ -97,34 +139,10 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
     with torch.no_grad():
         _, ess_init = forward()  # δ = 0: the unedited essence distribution
 
-    nll_start, steps, nll_val = None, 0, float("nan")
-    for step in range(policy.steps):
-        tok_logp, ess_logp = forward()
-        # per-row mean over target tokens, mean over contexts, sum over facts
-        row_nll = torch.zeros(len(g.rows), device=device).index_add(0, r_idx, -tok_logp)
-        row_len = torch.zeros(len(g.rows), device=device).index_add(0, r_idx, torch.ones_like(tok_logp))
-        row_nll = row_nll[fact_rows] / row_len[fact_rows]
-        nll = row_nll.sum() / n_ctx
-        nll_val = float(nll.detach())
-        if nll_start is None:
-            nll_start = nll_val
-        if nll_val < policy.early_stop_loss:
-            break
-        kl = torch.sum(ess_init.exp() * (ess_init - ess_logp))
-        loss = nll + policy.kl_factor * kl + policy.weight_decay * delta.pow(2).sum() / h_norm**2
-        if align is not None:
-            loss = loss + align(delta)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps = step + 1
-        with torch.no_grad():
-            cap = policy.clamp_norm_factor * h_norm
-            if delta.norm() > cap:
-                delta.mul_(cap / delta.norm())
+    steps, nll_start, nll_val = run_steps(forward, delta, opt, len(g.rows), r_idx, fact_rows, n_ctx,
+                                          ess_init, h_norm, policy, align)
     return ValueResult(
         delta=delta.detach().clone(), h_norm=h_norm, steps=steps, nll=nll_val,
-        nll_start=nll_start if nll_start is not None else nll_val,
-        seconds=time.perf_counter() - t0,
+        nll_start=nll_start, seconds=time.perf_counter() - t0,
         token_layer_passes=len(g.rows) * tok_per_row * n_layers,
     )

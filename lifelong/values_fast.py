@@ -37,7 +37,7 @@ from .alignment import AlignmentTerm
 from .facts import Fact
 from .prompts import pad_rows, target_index
 from .trace import _hidden, hooks
-from .values import GroupRows, ValueResult, optimize_value
+from .values import GroupRows, ValueResult, _Abort, optimize_value, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -266,40 +266,20 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
     opt = torch.optim.Adam([delta], lr=policy.lr)
     tol = _CHECK_TOL.get(fwd.h_suffix.dtype, _CHECK_TOL_LOW)
 
-    nll_start, steps, nll_val = None, 0, float("nan")
-    for step in range(policy.steps):
-        tok_logp, ess_logp = fwd(delta)
-        if step == 0:  # δ = 0: the fast forward must reproduce the ordinary one
-            err = max(float((tok_logp.detach() - fwd.ref_tok_logp).abs().max()),
-                      float((ess_logp.detach() - ess_init).abs().max()))
-            if not err <= tol:
-                log.warning("fast value forward differs from the model's by %.3g at δ = 0: "
-                            "using the straightforward loop", err)
-                return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed)
-        row_nll = torch.zeros(fwd.n_rows, device=device).index_add(0, r_idx, -tok_logp)
-        row_len = torch.zeros(fwd.n_rows, device=device).index_add(0, r_idx, torch.ones_like(tok_logp))
-        row_nll = row_nll[fact_rows] / row_len[fact_rows]
-        nll = row_nll.sum() / n_ctx
-        nll_val = float(nll.detach())
-        if nll_start is None:
-            nll_start = nll_val
-        if nll_val < policy.early_stop_loss:
-            break
-        kl = torch.sum(ess_init.exp() * (ess_init - ess_logp))  # one essence row
-        loss = nll + policy.kl_factor * kl + policy.weight_decay * delta.pow(2).sum() / h_norm**2
-        if align is not None:
-            loss = loss + align(delta)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps = step + 1
-        with torch.no_grad():
-            cap = policy.clamp_norm_factor * h_norm
-            if delta.norm() > cap:
-                delta.mul_(cap / delta.norm())
+    def check(tok_logp, ess_logp):  # δ = 0: the fast forward must reproduce the ordinary one
+        err = max(float((tok_logp - fwd.ref_tok_logp).abs().max()), float((ess_logp - ess_init).abs().max()))
+        if not err <= tol:
+            log.warning("fast value forward differs from the model's by %.3g at δ = 0: "
+                        "using the straightforward loop", err)
+            raise _Abort
+
+    try:
+        steps, nll_start, nll_val = run_steps(lambda: fwd(delta), delta, opt, fwd.n_rows, r_idx, fact_rows,
+                                              n_ctx, ess_init, h_norm, policy, align, check_first=check)
+    except _Abort:
+        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed)
     return ValueResult(
         delta=delta.detach().clone(), h_norm=h_norm, steps=steps, nll=nll_val,
-        nll_start=nll_start if nll_start is not None else nll_val,
-        seconds=time.perf_counter() - t0,
+        nll_start=nll_start, seconds=time.perf_counter() - t0,
         token_layer_passes=fwd.token_layer_passes,
     )
