@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,8 @@ from . import __version__, history
 from .alignment import ResidualBank
 from .corpus import chunk_tokens, context_templates, read_corpus, sample_sequences
 from .edit import Group, LayerContext, compute_edit
-from .errors import BadInput, StoreError, StoreExists
+from .staging import staged_dir
+from .errors import BadInput, StoreExists
 from .evaluation import FactScore, neighbor_rows, score_facts, summarize
 from .facts import Fact, load_facts
 from .metrics import argmax_tokens, perplexity
@@ -309,19 +308,12 @@ def export(path, out, at: int | None = None, log=_quiet, format: str = "merged")
     records = _records_at(store, at)
     session = Session.open(store, log=log, records=records)
     verify(session.current(), expected_fingerprints(store, records), "export")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_dir(out) as tmp:
         session.model.save_pretrained(tmp)
         session.tok.save_pretrained(tmp)
         meta = {"lifelong_version": __version__, "store": str(store.path), "head": history.head(records),
                 "fingerprints": expected_fingerprints(store, records)}
         (tmp / "lifelong_export.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), **meta}
 
 

@@ -19,14 +19,12 @@ The adapter applies to the store's unedited base model, whose transformers folde
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import __version__, history
+from .staging import staged_dir
 from .errors import BadInput, EditFailed
 from .models import ModelSource, checkpoint_dir, load_model
 from .policy import policy_from_json
@@ -170,18 +168,11 @@ def export_peft(path, out, at: int | None = None, log=_quiet) -> dict:
 
     peft_model = lora_adapter(model, {names[l]: f for l, f in factors.items()}, str(base_dir))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_dir(out) as tmp:
         peft_model.save_pretrained(tmp)
         meta = {"format": "peft", "lifelong_version": __version__, "store": str(Path(store.path).resolve()), "head": head,
                 "active_batches": [r.id for r in history.active(records)],
                 "base_model": str(base_dir), "base_source": source.to_dict(),
                 "fingerprints": expected, "layers": layers}
         (tmp / "lifelong_export.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), **meta}

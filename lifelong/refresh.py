@@ -116,7 +116,7 @@ def verdicts(gates: Gates, metrics: dict) -> dict[str, dict]:
 
     metrics: {"before": {...}, "after": {...}} as measured by a refresh.
     """
-    before, after = metrics["before"], metrics["after"]
+    after = metrics["after"]
     nu = after.get("neighbors_unchanged")
     values = {
         "min_efficacy": after.get("efficacy"),

@@ -7,7 +7,6 @@ copied for each test that writes to it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -22,11 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from conftest import write_policy
-from lifelong.cli import main
 from lifelong.store import Store
+from helpers import cli, write_jsonl, sha
 
 FACTS_1 = [
     {"subject": "France", "prompt": "The capital of {} is", "target": "Rome",
@@ -45,22 +43,10 @@ LIFELONG = Path(sys.executable).with_name("lifelong")
 # ----------------------------------------------------------------------------- helpers
 
 
-def cli(*args, code: int = 0, env: dict | None = None):
-    """Run `lifelong ARGS` in-process; assert the exit code; return the click Result."""
-    res = CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
-    assert res.exit_code == code, (
-        f"`lifelong {' '.join(map(str, args))}` exited {res.exit_code}, expected {code}\n"
-        f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}")
-    return res
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def store_digest(store: Path) -> dict[str, str]:

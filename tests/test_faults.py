@@ -25,7 +25,6 @@ one-line tally (run with -s). Set LIFELONG_FAULT_SEED to replay a run.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -40,18 +39,17 @@ from pathlib import Path
 
 import h5py
 import pytest
-from click.testing import CliRunner
 
 from conftest import write_policy
 from lifelong import api, history
 from lifelong import refresh as rf
 from lifelong import store as store_mod
-from lifelong.cli import main
 from lifelong.errors import StoreError
 from lifelong.policy import policy_from_json
 from lifelong.session import expected_fingerprints, head_weights
 from lifelong.store import Store
 from lifelong.weights import fingerprint
+from helpers import cli, write_jsonl, sha
 
 BATCHES = [
     [{"subject": "Apple", "prompt": "{} makes the", "target": "piano"}],
@@ -73,22 +71,10 @@ POLL = 0.0005   # seconds between looks at the file system while a process runs
 # ----------------------------------------------------------------------------- helpers
 
 
-def cli(*args, code: int = 0):
-    """Run `lifelong ARGS` in-process; assert the exit code; return the click Result."""
-    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == code, (
-        f"`lifelong {' '.join(map(str, args))}` exited {res.exit_code}, expected {code}\n"
-        f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}")
-    return res
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def objects_dir(store: Path) -> Path:

@@ -1,8 +1,6 @@
 """End to end on tiny Llama-like and GPT-2-like models: init, push, rollback, export."""
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ import torch
 from lifelong import api, audit, history
 from lifelong.errors import BadInput, FactFileError, StoreExists
 from lifelong.store import Store
+from helpers import write_jsonl, sha
 
 FACTS_1 = [
     {"subject": "France", "prompt": "The capital of {} is", "target": "Rome",
@@ -25,13 +24,8 @@ FACTS_3 = [
 ]
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_tensors(store, out: Path, at=None) -> dict[str, torch.Tensor]:

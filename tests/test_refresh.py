@@ -7,7 +7,6 @@ batches that pass the gates one after another.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,17 +19,16 @@ from pathlib import Path
 import filelock
 import pytest
 import torch
-from click.testing import CliRunner
 
 from conftest import write_policy
 from lifelong import api
 from lifelong import refresh as rf
-from lifelong.cli import main
 from lifelong.errors import BadInput, EditFailed
 from lifelong.policy import Gates, policy_from_json
 from lifelong.session import head_weights
 from lifelong.store import Store
 from lifelong.weights import fingerprint
+from helpers import cli, write_jsonl, sha
 
 APPLE = [{"subject": "Apple", "prompt": "{} makes the", "target": "piano"}]
 FRANCE = [{"subject": "France", "prompt": "The capital of {} is", "target": "Paris",
@@ -48,21 +46,10 @@ LIFELONG = Path(sys.executable).with_name("lifelong")
 # ----------------------------------------------------------------------------- helpers
 
 
-def cli(*args, code: int = 0):
-    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == code, (
-        f"`lifelong {' '.join(map(str, args))}` exited {res.exit_code}, expected {code}\n"
-        f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}")
-    return res
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def copy_store(src: Path, dst_dir: Path) -> Path:

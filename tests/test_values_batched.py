@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lifelong.facts import Fact

@@ -1,0 +1,28 @@
+"""Helpers shared by the CLI-level test modules."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from lifelong.cli import main
+
+
+def cli(*args, code: int = 0, env: dict | None = None):
+    """Run `lifelong ARGS` in-process; assert the exit code; return the click Result."""
+    res = CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+    assert res.exit_code == code, (
+        f"`lifelong {' '.join(map(str, args))}` exited {res.exit_code}, expected {code}\n"
+        f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}")
+    return res
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
