@@ -98,9 +98,11 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
                            f"{pol.nullspace_threshold}; nothing could be edited",
                            hint=f"raise the threshold above {float(proj.eigvals[0]):.3g} in the policy")
     contexts = context_templates(net, tok, pol.n_prefixes, pol.prefix_tokens, seed=seed + 1)
+    eval_prefixes = _eval_prefixes(net, tok, seed + 3)
     heldout = sample_sequences(net, tok, HELDOUT_SEQS, HELDOUT_LEN, seed=seed + 2)
     info = {
         "contexts": contexts,
+        "eval_prefixes": eval_prefixes,
         "corpus": corpus_desc,
         "corpus_tokens": counted,
         "layers": layer_info,
@@ -317,8 +319,34 @@ def export(path, out, at: int | None = None, log=_quiet, format: str = "merged")
     return {"out": str(out), **meta}
 
 
-def evaluate(path, fact_file=None, prefixes: int = 0, log=_quiet) -> dict:
-    """DESIGN §6 metrics for a fact file, or retention of every live fact at head."""
+EVAL_PREFIXES, EVAL_PREFIX_TOKENS, FLUENCY_TOKENS = 10, 5, 32
+
+
+def _eval_prefixes(model, tok, seed: int) -> list[str]:
+    """10 distinct 5-token prefixes, sampled apart from the edit's own contexts (DESIGN §6)."""
+    return context_templates(model, tok, EVAL_PREFIXES, EVAL_PREFIX_TOKENS, seed=seed)[1:]
+
+
+@torch.no_grad()
+def fluency(model, tok, prompts: list[str], new_tokens: int = FLUENCY_TOKENS) -> float | None:
+    """ROME/MEMIT fluency: weighted 2/3-gram entropy of greedy continuations of the prompts."""
+    from .metrics import ngram_entropy
+
+    if not prompts:
+        return None
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+        out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    finally:
+        tok.padding_side = side
+    return ngram_entropy(out[:, enc["input_ids"].shape[1]:].tolist())
+
+
+def evaluate(path, fact_file=None, prefixes: int = EVAL_PREFIXES, log=_quiet) -> dict:
+    """DESIGN §6 metrics for a fact file, or retention of every live fact at head:
+    strict efficacy (bare and under `prefixes` sampled prefixes), paraphrases, neighbors
+    unchanged vs the base model, fluency and held-out perplexity, each beside the base's."""
     store = Store.open(path)
     session = Session.open(store, log=log)
     if fact_file is not None:
@@ -332,14 +360,17 @@ def evaluate(path, fact_file=None, prefixes: int = 0, log=_quiet) -> dict:
             facts.append(Fact.from_dict(full[b][i]))
     n_rows, _ = neighbor_rows(session.tok, facts)
     heldout = store.info.get("heldout") or []
+    prompts = [f.render() for f in facts]
     with session.weights(session.base()):
         base_preds = argmax_tokens(session.model, session.tok, n_rows) if n_rows else []
         ppl_base = perplexity(session.model, heldout) if heldout else None
-    ctx = [c for c in session.contexts[1:]][:prefixes] if prefixes else []
-    scores = score_facts(session.model, session.tok, facts, base_preds, prefixes=ctx)
+        fluency_base = fluency(session.model, session.tok, prompts)
+        ctx = store.info.get("eval_prefixes") or _eval_prefixes(session.model, session.tok, 3)
+    scores = score_facts(session.model, session.tok, facts, base_preds, prefixes=ctx[:prefixes])
     ppl = perplexity(session.model, heldout) if heldout else None
     summary = summarize(scores)
-    summary.update({"perplexity": ppl, "perplexity_base": ppl_base,
+    summary.update({"fluency": fluency(session.model, session.tok, prompts), "fluency_base": fluency_base,
+                    "perplexity": ppl, "perplexity_base": ppl_base,
                     "perplexity_drift": (ppl / ppl_base - 1) if ppl and ppl_base else None,
                     "head": history.head(store.records), "source": str(fact_file) if fact_file else "retention"})
     return {"summary": summary, "facts": [{"subject": f.subject, "prompt": f.prompt, "target": f.target,

@@ -265,7 +265,8 @@ def export(out, at, fmt, store, as_json):
 
 @main.command("eval", context_settings=CONTEXT)
 @click.argument("file", required=False, type=click.Path(dir_okay=False))
-@click.option("--prefixes", type=int, default=0, help="also score under N stored context prefixes")
+@click.option("--prefixes", type=int, default=10, show_default=True,
+              help="also score under N sampled 5-token prefixes (0: bare prompts only)")
 @store_option
 @json_option
 def eval_(file, prefixes, store, as_json):

@@ -150,3 +150,6 @@ def test_status_and_log(tiny_store, tmp_path):
     res = api.evaluate(tiny_store)
     assert res["summary"]["n_facts"] == 2
     assert res["summary"]["perplexity_drift"] is not None
+    assert res["summary"]["fluency"] > 0 and res["summary"]["fluency_base"] > 0
+    assert res["summary"]["prefixed"] is not None            # 10 sampled 5-token prefixes
+    assert len(Store.open(tiny_store).info["eval_prefixes"]) == 10
