@@ -153,3 +153,18 @@ def test_status_and_log(tiny_store, tmp_path):
     assert res["summary"]["fluency"] > 0 and res["summary"]["fluency_base"] > 0
     assert res["summary"]["prefixed"] is not None            # 10 sampled 5-token prefixes
     assert len(Store.open(tiny_store).info["eval_prefixes"]) == 10
+
+
+def test_same_subject_across_batches_gets_one_merged_value(tiny_store, tmp_path):
+    api.push(tiny_store, write_jsonl(tmp_path / "b1.jsonl", FACTS_1))
+    more = [{"subject": "France", "prompt": "The official language of {} is", "target": "Dutch"}]
+    rep = api.push(tiny_store, write_jsonl(tmp_path / "b2.jsonl", more))
+    recs = Store.open(tiny_store).records
+    group = recs[1].groups[0]
+    assert group.subject == "France"
+    assert group.facts == [(2, 0), (1, 0)]                   # the new fact and the live earlier one
+    assert group.replaces == [(1, 0)]                        # France's earlier key column leaves K_p
+    assert (1, 0) not in history.live_groups(recs) and (2, 0) in history.live_groups(recs)
+    assert rep.groups[0]["facts"] == [(2, 0), (1, 0)]
+    api.rollback(tiny_store, 1)                              # and comes back with a rollback
+    assert (1, 0) in history.live_groups(Store.open(tiny_store).records)
