@@ -68,6 +68,10 @@ class AlignmentTerm:
     lambda_mse: float
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        # cos(δ, ·) is undefined at δ = 0, where every optimization starts: its gradient there
+        # is ~1/eps, which would fill Adam's second moment and freeze δ for the whole run.
+        if not bool(delta.detach().norm() > 0):
+            return delta.new_zeros(())  # no gradient either
         cos_d = self.deltas @ F.normalize(delta, dim=-1)                    # (n,)
         log_q = F.log_softmax(cos_d / self.tau, dim=-1)
         kl = torch.sum(self.log_p.exp() * (self.log_p - log_q))             # KL(p ‖ q)

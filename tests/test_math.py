@@ -116,3 +116,23 @@ def test_alignment_pulls_residual_cosines_toward_key_cosines():
     term(far).backward()
     assert far.grad is not None and far.grad.norm() > 0
     assert ResidualBank.empty(8, 6).objective(k, 0.07, 5, 1.0, 1.0, "cpu") is None
+
+
+def test_alignment_term_is_inert_at_zero_residual_and_does_not_freeze_adam():
+    """Every value optimization starts at δ = 0, where cos(δ, ·) is undefined: the term must
+    contribute nothing there, or its ~1/eps gradient fills Adam's second moment and δ never moves."""
+    g = torch.Generator().manual_seed(7)
+    bank = ResidualBank.empty(8, 6)
+    bank.extend(torch.randn(10, 8, generator=g), torch.randn(10, 6, generator=g), [(1, i) for i in range(10)])
+    term = bank.objective(torch.randn(8, generator=g), tau=0.07, top_m=5, lambda_kl=2.0, lambda_mse=8.0,
+                          device="cpu")
+    delta = torch.zeros(6, requires_grad=True)
+    assert float(term(delta)) == 0.0
+    target = torch.randn(6, generator=g) * 5
+    opt = torch.optim.Adam([delta], lr=0.5)
+    for _ in range(60):
+        loss = (delta - target).pow(2).sum() + 0.01 * term(delta)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float((delta.detach() - target).norm()) < 0.2 * float(target.norm())
