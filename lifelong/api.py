@@ -86,10 +86,10 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
     arrays, layer_info = {}, {}
     for l, n in zip(pol.layers, names):
         proj = projector(moments[n], pol.nullspace_threshold)
-        arrays[layer_key(l, "W")] = base[l].numpy()
-        arrays[layer_key(l, "mom2")] = proj.mom2.numpy()
-        arrays[layer_key(l, "P")] = proj.P.numpy()
-        arrays[layer_key(l, "eigvals")] = proj.eigvals.numpy()
+        arrays[layer_key(l, "W")] = base[l].cpu().numpy()
+        arrays[layer_key(l, "mom2")] = proj.mom2.cpu().numpy()
+        arrays[layer_key(l, "P")] = proj.P.cpu().numpy()
+        arrays[layer_key(l, "eigvals")] = proj.eigvals.cpu().numpy()
         layer_info[str(l)] = {"kept_dims": proj.kept, "of": d_in, "kept_energy": proj.kept_energy,
                               "min_eig": float(proj.eigvals[0]), "max_eig": float(proj.eigvals[-1])}
         log(f"layer {l}: null space keeps {proj.kept}/{d_in} dims ({proj.kept_energy:.2%} of the energy)")
@@ -242,7 +242,7 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
 
     t = time.perf_counter()
     after = {str(l): fingerprint(w) for l, w in session.current().items()}
-    arrays = {"bank/keys": edit.bank_keys.numpy(), "bank/deltas": edit.deltas.numpy()}
+    arrays = {"bank/keys": edit.bank_keys.cpu().numpy(), "bank/deltas": edit.deltas.cpu().numpy()}
     for l, (A, B) in edit.factors.items():
         arrays[layer_key(l, "A")] = A.cpu().numpy()
         arrays[layer_key(l, "B")] = B.cpu().numpy()
@@ -351,13 +351,15 @@ def evaluate(path, fact_file=None, prefixes: int = EVAL_PREFIXES, log=_quiet) ->
     session = Session.open(store, log=log)
     if fact_file is not None:
         facts = load_facts(fact_file).facts
+        origin: list[int | None] = [None] * len(facts)
     else:
         full: dict[int, list[dict]] = {}
-        facts = []
+        facts, origin = [], []
         for b, i in history.live_facts(store.records):
             if b not in full:
                 full[b] = store.batch_facts(b)
             facts.append(Fact.from_dict(full[b][i]))
+            origin.append(b)
     n_rows, _ = neighbor_rows(session.tok, facts)
     heldout = store.info.get("heldout") or []
     prompts = [f.render() for f in facts]
@@ -374,7 +376,7 @@ def evaluate(path, fact_file=None, prefixes: int = EVAL_PREFIXES, log=_quiet) ->
                     "perplexity_drift": (ppl / ppl_base - 1) if ppl and ppl_base else None,
                     "head": history.head(store.records), "source": str(fact_file) if fact_file else "retention"})
     return {"summary": summary, "facts": [{"subject": f.subject, "prompt": f.prompt, "target": f.target,
-                                           **s.to_dict()} for f, s in zip(facts, scores)]}
+                                           "batch": b, **s.to_dict()} for f, b, s in zip(facts, origin, scores)]}
 
 
 def complete(path, prompts: list[str], max_new_tokens: int = 6, at: int | None = None, log=_quiet) -> list[dict]:

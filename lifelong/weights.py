@@ -57,10 +57,11 @@ def fingerprint(w: torch.Tensor) -> str:
 
 
 def materialize(base: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """base + A₁B₁ + A₂B₂ + … in order, in fp32; the one place weights are computed."""
-    w = base.to(torch.float32).clone()  # (d_out, d_in)
+    """base + A₁B₁ + A₂B₂ + … in order, in fp32, on the CPU whatever device the model is on
+    (so a store's fingerprints hold on every machine); the one place weights are computed."""
+    w = base.detach().to("cpu", torch.float32).clone()  # (d_out, d_in)
     for a, b in factors:  # a: (d_out, r), b: (r, d_in)
-        w = w + (a.to(torch.float32) @ b.to(torch.float32))
+        w = w + (a.detach().to("cpu", torch.float32) @ b.detach().to("cpu", torch.float32))
     return w
 
 
