@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench clean-demo
+.PHONY: setup demo test test-slow bench bench-quality clean-demo
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ test-slow: setup
 bench: setup
 	$(PY) bench/push_speed.py --facts 10 --out bench/reports/push_speed.md
 	$(PY) bench/store_scale.py --edits 10000 --batch 50 --out bench/reports/store_scale.md
+
+# edit quality at 500 edits with ablations: minutes on a GPU, hours on this CPU; resumable
+bench-quality: setup
+	$(PY) bench/quality.py --scenarios counterfact,tuning,same_subject,supersession --jobs $${JOBS:-1}
 
 clean-demo:
 	rm -rf stores/demo.h5 stores/demo.h5.d stores/demo.h5.lock

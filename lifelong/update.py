@@ -16,12 +16,13 @@ from .errors import EditFailed
 def projected_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
                      KpKpT: torch.Tensor | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """AlphaEdit factors. R: (d_out, n) residuals, K: (d_in, n) keys, P: (d_in, d_in)."""
-    K64, P64 = K.to(torch.float64), P.to(torch.float64)
+    dev = P.device  # the stored statistics' device decides where the solve runs
+    K64, P64 = K.to(dev, torch.float64), P.to(torch.float64)
     d_in = K64.shape[0]
     cov = K64 @ K64.t()                                              # (d_in, d_in)
     if KpKpT is not None:
-        cov = cov + KpKpT.to(torch.float64)
-    M = P64 @ cov + alpha * torch.eye(d_in, dtype=torch.float64, device=K.device)
+        cov = cov + KpKpT.to(dev, torch.float64)
+    M = P64 @ cov + alpha * torch.eye(d_in, dtype=torch.float64, device=dev)
     X = _solve(M, P64 @ K64)                                         # (d_in, n)
     return R.to(torch.float32).clone(), X.t().to(torch.float32).contiguous()
 
@@ -29,7 +30,7 @@ def projected_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
 def memit_update(R: torch.Tensor, K: torch.Tensor, mom2: torch.Tensor,
                  weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """MEMIT factors against the mean second moment C₀ with ridge weight λ."""
-    K64 = K.to(torch.float64)
+    K64 = K.to(mom2.device, torch.float64)
     M = weight * mom2.to(torch.float64) + K64 @ K64.t()              # (d_in, d_in)
     X = _solve(M, K64)                                               # (d_in, n)
     return R.to(torch.float32).clone(), X.t().to(torch.float32).contiguous()

@@ -1,0 +1,32 @@
+"""The quality benchmark's data handling (no model): batches the product accepts."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+quality = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quality)
+
+
+def test_one_value_per_subject_and_relation_keeps_the_last_asked_for():
+    rows = [{"subject": "EU", "prompt": "In {}, they understand", "target": t} for t in ("Swedish", "Finnish")]
+    rows.append({"subject": "EU", "prompt": "{} is located in", "target": "Africa", "relation": "P30"})
+    rows.append({"subject": "EU", "prompt": "{} lies in", "target": "Asia", "relation": "P30"})
+    kept, dropped = quality.keep_last_per_relation(rows)
+    assert dropped == 2
+    assert [r["target"] for r in kept] == ["Finnish", "Asia"]
+
+
+@pytest.mark.skipif(not quality.SAME.exists(), reason="needs ../shared/data")
+def test_benchmark_batches_pass_validation(tmp_path):
+    from lifelong.facts import load_facts
+
+    batches, _ = quality.same_subject_batches(200, 50)
+    sup, cases = quality.supersession_batches()
+    assert len(cases) == 5 and all(c["third"]["target"] != c["first"]["target"] for c in cases)
+    for i, b in enumerate(batches + sup + quality.counterfact_batches(100, 50)):
+        load_facts(quality.write_batch(tmp_path / f"b{i}.jsonl", b))  # raises on any invalid line
