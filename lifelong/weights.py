@@ -2,8 +2,9 @@
 
 Every edit is expressed on W ∈ R^{d_out×d_in} (out × in), whatever the module stores:
 `nn.Linear` keeps W as is, GPT-2's `Conv1D` keeps Wᵀ. Shapes come from the weights.
-The model at batch N is base + the Δ = A·B of the active batches applied in order, by
-`materialize` alone, so a rollback recomputes exactly the floats a push produced.
+The model at batch N is base + the Δ = A·B of the active batches, summed in float64 and
+rounded to fp32 once, by `materialize` alone, so a rollback recomputes exactly the floats
+a push produced.
 """
 from __future__ import annotations
 
@@ -57,11 +58,17 @@ def fingerprint(w: torch.Tensor) -> str:
 
 
 def materialize(base: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """base + A₁B₁ + A₂B₂ + … in order, in fp32; the one place weights are computed."""
-    w = base.to(torch.float32).clone()  # (d_out, d_in)
+    """base + A₁B₁ + A₂B₂ + … accumulated in float64 (in order) and rounded to fp32 once;
+    the one place weights are computed (store format 2; format 1 rounded after each term).
+
+    One rounding keeps the merged weights as close to base(x) + ΣA(Bx) (a PEFT adapter
+    of the stacked factors) as fp32 allows, however many batches are active, and makes
+    them a function of the active set alone.
+    """
+    w = base.to(torch.float64, copy=True)  # (d_out, d_in)
     for a, b in factors:  # a: (d_out, r), b: (r, d_in)
-        w = w + (a.to(torch.float32) @ b.to(torch.float32))
-    return w
+        w += a.to(torch.float64) @ b.to(torch.float64)
+    return w.to(torch.float32)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
