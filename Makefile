@@ -29,6 +29,7 @@ test-slow: setup
 bench: setup
 	$(PY) bench/push_speed.py --facts 10 --out bench/reports/push_speed.md
 	$(PY) bench/store_scale.py --edits 10000 --batch 50 --out bench/reports/store_scale.md
+	$(PY) bench/peft_match.py --out bench/reports/peft_match.md
 
 clean-demo:
 	rm -rf stores/demo.h5 stores/demo.h5.d stores/demo.h5.lock

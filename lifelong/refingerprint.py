@@ -11,8 +11,9 @@ the prefix whose format-1 weights hash to what was recorded for N. So every reco
 fingerprint is checked before it is replaced, and a store that disagrees with itself is
 refused, never rewritten.
 
-Cost: one materialisation per batch over the batches active after it (quadratic in the
-length of a history without rollbacks); `lifelong migrate` runs it once.
+The new fingerprints are `weights.materialize`'s: its float64 sum, extended push by push
+(recomputed from the base only after a rollback), rounded once. Cost: about two products
+A·B per batch and layer for a history without rollbacks.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from .errors import StoreError
 from .history import ACTIVE
 from .session import layer_key as key
-from .weights import fingerprint, materialize
+from .weights import fingerprint, float64_sum
 
 # read(batch_id, names) -> arrays of that batch's object file (batch 0: the base arrays)
 Reader = Callable[[int, list[str]], dict[str, np.ndarray]]
@@ -58,6 +59,7 @@ def refingerprint(records: list[dict], layers: list[int], read: Reader, where: s
     active_now = {r["id"] for r in records if r["status"] == ACTIVE}
     prev: list[int] = []                      # the batches active right after the previous push
     prev_v1 = dict(base)                      # their format-1 weights
+    prev_64 = dict(base)                      # their format-2 float64 sum
     out = []
     for rec in sorted(records, key=lambda r: r["id"]):
         n = rec["id"]
@@ -65,18 +67,19 @@ def refingerprint(records: list[dict], layers: list[int], read: Reader, where: s
         found = None
         for cut in range(len(prev), keep - 1, -1):   # the longest prefix first: no rollback in between
             ids = prev[:cut] + [n]
-            w1 = {l: summed_v1(prev_v1[l] if cut == len(prev) else base[l],
-                               [delta(k, l) for k in (ids[-1:] if cut == len(prev) else ids)])
-                  for l in layers}
+            extend = cut == len(prev)                # then N's Δ is added to the sums kept
+            todo = [n] if extend else ids
+            w1 = {l: summed_v1((prev_v1 if extend else base)[l], [delta(k, l) for k in todo]) for l in layers}
             if hashes(w1) == rec["fingerprint_after"]:
-                found = ids, w1
+                w64 = {l: float64_sum((prev_64 if extend else base)[l], [delta(k, l) for k in todo])
+                       for l in layers}
+                found = ids, w1, w64
                 break
         if found is None:
             raise StoreError(f"{where}: batch {n}'s recorded fingerprints match no set of batches that "
                              f"could have been active after its push; the store disagrees with itself",
                              hint="nothing was changed; restore the store from a backup, or keep it with "
                                   "the lifelong version that wrote it")
-        prev, prev_v1 = found
-        out.append(dict(rec, fingerprint_after=hashes(
-            {l: materialize(base[l], [delta(k, l) for k in prev]) for l in layers})))
+        prev, prev_v1, prev_64 = found
+        out.append(dict(rec, fingerprint_after=hashes({l: w.to(torch.float32) for l, w in prev_64.items()})))
     return out

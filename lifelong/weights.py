@@ -57,18 +57,27 @@ def fingerprint(w: torch.Tensor) -> str:
     return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
+def float64_sum(start: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """start + A₁B₁ + A₂B₂ + … in float64, in order: `materialize`'s sum before its rounding.
+
+    start is the base, or such a sum, which a long history (the format migration, the
+    scale bench) extends batch by batch: the same operations, so the same bits.
+    """
+    w = start.to(torch.float64, copy=True)  # (d_out, d_in)
+    for a, b in factors:  # a: (d_out, r), b: (r, d_in)
+        w.addmm_(a.to(torch.float64), b.to(torch.float64))
+    return w
+
+
 def materialize(base: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """base + A₁B₁ + A₂B₂ + … accumulated in float64 (in order) and rounded to fp32 once;
-    the one place weights are computed (store format 2; format 1 rounded after each term).
+    """base + A₁B₁ + A₂B₂ + … summed in float64 and rounded to fp32 once; the one place
+    weights are computed (store format 2; format 1 rounded after each term).
 
     One rounding keeps the merged weights as close to base(x) + ΣA(Bx) (a PEFT adapter
     of the stacked factors) as fp32 allows, however many batches are active, and makes
     them a function of the active set alone.
     """
-    w = base.to(torch.float64, copy=True)  # (d_out, d_in)
-    for a, b in factors:  # a: (d_out, r), b: (r, d_in)
-        w += a.to(torch.float64) @ b.to(torch.float64)
-    return w.to(torch.float32)
+    return float64_sum(base, factors).to(torch.float32)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

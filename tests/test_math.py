@@ -6,7 +6,7 @@ import torch
 from lifelong.alignment import ResidualBank
 from lifelong.stats import projector
 from lifelong.update import memit_update, projected_update
-from lifelong.weights import fingerprint, materialize
+from lifelong.weights import fingerprint, float64_sum, materialize
 
 D_IN, D_OUT = 24, 10
 
@@ -104,6 +104,7 @@ def test_materialize_is_the_float64_sum_rounded_once():
     assert bool(((got.double() - exact).abs() <= ulp / 2).all())   # correctly rounded
     assert fingerprint(materialize(base, f)) == fingerprint(got)   # the same factors, the same bits
     assert torch.equal(materialize(base, []), base) and not torch.equal(materialize(base, f[:1]), base)
+    assert torch.equal(float64_sum(float64_sum(base, f[:7]), f[7:]), float64_sum(base, f))   # extendable
     step = base.clone()
     for a, b in f:   # store format 1: rounded after each batch, which drifts from the exact sum
         step = step + a @ b
