@@ -29,6 +29,7 @@ test-slow: setup
 bench: setup
 	$(PY) bench/push_speed.py --facts 10 --out bench/reports/push_speed.md
 	$(PY) bench/store_scale.py --edits 10000 --batch 50 --out bench/reports/store_scale.md
+	$(PY) bench/peft_match.py --out bench/reports/peft_match.md
 
 # edit quality at 500 edits with ablations: minutes on a GPU, hours on this CPU; resumable
 bench-quality: setup

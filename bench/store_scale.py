@@ -2,9 +2,11 @@
 
 Builds a store whose batches hold random keys, residuals and Δ factors of the real
 shapes (5 edited layers, d_in 1536, d_out 576), with fingerprints computed exactly as
-pushes record them, then times what an operator runs: opening the store, `log`,
-`rollback --to N`, and the store-side bookkeeping of a push (planning groups, loading
-the protection set and residual bank, committing a batch). Writes a markdown report.
+pushes record them (`weights.materialize`'s float64 sum, extended batch by batch and
+rounded once per batch; the rollbacks timed here verify them), then times what
+an operator runs: opening the store, `log`, `rollback --to N`, and the store-side
+bookkeeping of a push (planning groups, loading the protection set and residual bank,
+committing a batch). Writes a markdown report.
 
     python bench/store_scale.py --edits 10000 --batch 50 --out bench/reports/store_scale.md
 """
@@ -25,7 +27,7 @@ from lifelong import api, audit, history
 from lifelong.policy import find_policy, load_policy
 from lifelong.session import layer_key
 from lifelong.store import Store
-from lifelong.weights import fingerprint, materialize
+from lifelong.weights import fingerprint, float64_sum
 
 D_IN, D_OUT = 1536, 576
 
@@ -53,7 +55,7 @@ def build(path: Path, n_edits: int, batch: int, seed: int = 0) -> tuple[Store, o
                          policy_json=policy.model_dump_json(),
                          base_fingerprint={str(l): fingerprint(w) for l, w in base.items()},
                          info={"contexts": ["{}"], "layers": {}}, base_arrays=arrays)
-    current = dict(base)
+    acc = dict(base)  # materialize's float64 sum so far
     n_batches = n_edits // batch
     for b in range(1, n_batches + 1):
         facts = [{"subject": f"subject {b}-{i}", "relation": "P1", "prompt": "{} is a",
@@ -65,12 +67,12 @@ def build(path: Path, n_edits: int, batch: int, seed: int = 0) -> tuple[Store, o
             B = torch.randn(batch, D_IN, generator=g) * 1e-3
             arr[layer_key(l, "A")], arr[layer_key(l, "B")] = A.numpy(), B.numpy()
             arr[layer_key(l, "K")] = np.random.rand(batch, D_IN).astype(np.float32)
-            current[l] = materialize(current[l], [(A, B)])
+            acc[l] = float64_sum(acc[l], [(A, B)])
         rec = history.BatchRecord(
             id=b, created=history.utc_now(), source=f"synthetic_{b}.jsonl", sha256="0" * 64,
             status=history.ACTIVE, facts=facts,
             groups=[history.GroupRecord(f["subject"], [(b, i)]) for i, f in enumerate(facts)],
-            efficacy=[1.0] * batch, fingerprint_after={str(l): fingerprint(w) for l, w in current.items()})
+            efficacy=[1.0] * batch, fingerprint_after={str(l): fingerprint(w.float()) for l, w in acc.items()})
         with store.writer() as tx:
             tx.add_batch(rec, arr)
         if b % 20 == 0:

@@ -228,6 +228,10 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
         f"{len(live)} earlier groups protected")
     edit = compute_edit(session.model, session.tok, groups, session.contexts, policy, layer_ctx, bank, log=log)
     timings.update(edit.timings)
+    # compute_edit added each Δ to the rounded head; the new head is base + every Δ rounded
+    # once, the floats a rollback to this batch computes (and the fingerprint records)
+    session.apply(head_weights(store, records, policy,
+                               extra={l: (A.cpu(), B.cpu()) for l, (A, B) in edit.factors.items()}))
 
     t = time.perf_counter()
     scores = score_facts(session.model, session.tok, ff.facts, base_preds)

@@ -52,6 +52,6 @@ def migrate(path) -> dict:
     from .store import FORMAT_VERSION, _read_manifest
 
     p = Path(path)
-    store = Store(p, _read_manifest(p, migrate_all=True))
-    steps = store.migrate()
+    store = Store(p, _read_manifest(p, as_stored=True))  # a missing or foreign store fails here, unlocked
+    steps = store.migrate()                               # migrates once, under the lock
     return {"store": str(p), "migrated_from": steps, "format_version": FORMAT_VERSION}

@@ -28,7 +28,7 @@ from .staging import staged_dir
 from .errors import BadInput, EditFailed
 from .models import ModelSource, checkpoint_dir, load_model
 from .policy import policy_from_json
-from .session import expected_fingerprints, head_weights, layer_key, verify
+from .session import active_factors, expected_fingerprints, head_weights, verify
 from .store import Store
 from .weights import get_module, is_transposed, module_name, read_matrix
 
@@ -41,18 +41,9 @@ def _quiet(*_a, **_k) -> None:
 
 
 def stacked_factors(store: Store, records, policy) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per edited layer (A_cat (d_out × R), B_cat (R × d_in)) over the active batches, fp32."""
-    parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {l: [] for l in policy.layers}
-    for rec in history.active(records):
-        arrays = store.batch_arrays(rec.id, [layer_key(l, n) for l in policy.layers for n in ("A", "B")])
-        for l in policy.layers:
-            parts[l].append((torch.from_numpy(arrays[layer_key(l, "A")]).to(torch.float32),
-                             torch.from_numpy(arrays[layer_key(l, "B")]).to(torch.float32)))
-    out = {}
-    for l, ab in parts.items():
-        if ab:
-            out[l] = (torch.cat([a for a, _ in ab], dim=1), torch.cat([b for _, b in ab], dim=0))
-    return out
+    """Per edited layer (A_cat (d_out × R), B_cat (R × d_in)) over the active batches, as stored (fp32)."""
+    return {l: (torch.cat([a for a, _ in ab], dim=1), torch.cat([b for _, b in ab], dim=0))
+            for l, ab in active_factors(store, records, policy).items() if ab}
 
 
 def thin_factors(a: torch.Tensor, b: torch.Tensor, rtol: float = RANK_RTOL) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,15 +24,27 @@ def layer_key(layer: int, what: str) -> str:
     return f"layer{layer}/{what}"
 
 
-def head_weights(store: Store, records, policy: Policy) -> dict[int, torch.Tensor]:
-    """Edited matrices at the head of `records`, from the store alone (no model needed)."""
-    base = store.base_arrays([layer_key(l, "W") for l in policy.layers])
+def active_factors(store: Store, records, policy: Policy) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per edited layer the (A (d_out, r), B (r, d_in)) of the active batches of `records`, in id order."""
     factors: dict[int, list] = {l: [] for l in policy.layers}
     for rec in history.active(records):
         arrays = store.batch_arrays(rec.id, [layer_key(l, n) for l in policy.layers for n in ("A", "B")])
         for l in policy.layers:
             factors[l].append((torch.from_numpy(arrays[layer_key(l, "A")]),
                                torch.from_numpy(arrays[layer_key(l, "B")])))
+    return factors
+
+
+def head_weights(store: Store, records, policy: Policy, extra=None) -> dict[int, torch.Tensor]:
+    """Edited matrices at the head of `records`, from the store alone (no model needed).
+
+    extra: per layer one more (A, B) after the active batches: a push's own edit, not yet
+    stored, so that its weights are computed exactly as a later rollback to it will.
+    """
+    base = store.base_arrays([layer_key(l, "W") for l in policy.layers])
+    factors = active_factors(store, records, policy)
+    for l, ab in (extra or {}).items():
+        factors[l].append(ab)
     return {l: materialize(torch.from_numpy(base[layer_key(l, "W")]), factors[l]) for l in policy.layers}
 
 

@@ -55,7 +55,7 @@ from .errors import StoreError, StoreExists, StoreLocked
 from .history import STATUSES, BatchRecord, index_facts, next_id, utc_now
 
 FORMAT = "lifelong-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: head weights are base + ΣAB rounded to fp32 once (1: after each batch)
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _STR = h5py.string_dtype("utf-8")
@@ -86,6 +86,22 @@ def migration(from_version: int, *, read_compatible: bool) -> Callable:
         MIGRATIONS[from_version] = fn
         return fn
     return register
+
+
+@migration(1, read_compatible=False)
+def _weights_rounded_once(m: dict) -> dict:
+    """Format 2 sums base + ΣAB in float64 and rounds once: every batch's recorded
+    fingerprint_after is checked against format 1's summation and recomputed."""
+    from .refingerprint import refingerprint  # torch: only `lifelong migrate` pays for it
+
+    path = m["path"]
+
+    def read(batch_id: int, names: list[str]) -> dict[str, np.ndarray]:
+        file = _objects_dir(path) / "base.h5" if batch_id == 0 else _batch_file(path, batch_id)
+        return _read_arrays(file, names, f"store {path}, migration to format 2")
+
+    m["records"] = refingerprint(m["records"], json.loads(m["policy_json"])["layers"], read, str(path))
+    return m
 
 
 # --------------------------------------------------------------------------- snapshot
@@ -135,8 +151,12 @@ def _decode(v) -> str:
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
-def _read_manifest(path: Path, *, migrate_all: bool = False) -> _Snapshot:
-    """Read and check the manifest at `path`. StoreError with a next step for every failure."""
+def _read_manifest(path: Path, *, migrate_all: bool = False, as_stored: bool = False) -> _Snapshot:
+    """Read and check the manifest at `path`. StoreError with a next step for every failure.
+
+    An older format is migrated in memory (read-compatible migrations only, unless
+    migrate_all); as_stored: not at all, the snapshot holds what is on disk.
+    """
     if not path.exists():
         raise StoreError(f"no store at {path}",
                          hint="create one with `lifelong init`, or pass --store / set $LIFELONG_STORE")
@@ -184,7 +204,7 @@ def _read_manifest(path: Path, *, migrate_all: bool = False) -> _Snapshot:
         raise StoreError(f"{path} is damaged or incomplete: {_first_line(e)}",
                          hint="restore it from a backup") from e
 
-    if version < FORMAT_VERSION:
+    if version < FORMAT_VERSION and not as_stored:
         return _migrated(path, m, raw, migrate_all)
     return _Snapshot(raw=raw, **m)
 
@@ -209,6 +229,8 @@ def _migrated(path: Path, m: dict, raw: list[str], migrate_all: bool) -> _Snapsh
             m = MIGRATIONS[v](m)
             m["format_version"] = v + 1
         records = [BatchRecord.from_dict(d) for d in m.pop("records")]
+    except StoreError:
+        raise                       # the migration's own verdict on the store, with its hint
     except Exception as e:
         raise StoreError(f"{path}: migrating from format version {start} failed: {e!r}",
                          hint="report this as a bug; the store on disk is unchanged") from e
@@ -398,7 +420,7 @@ class Store:
         return _lock_path(self.path)
 
     def batch_file(self, batch_id: int) -> Path:
-        return self.objects_dir / f"batch_{batch_id:06d}.h5"
+        return _batch_file(self.path, batch_id)
 
     # ---- opening and creating
     @classmethod
@@ -722,6 +744,10 @@ def _indexed(r: BatchRecord) -> BatchRecord:
 
 def _objects_dir(path: Path) -> Path:
     return path.with_name(path.name + ".d")
+
+
+def _batch_file(path: Path, batch_id: int) -> Path:
+    return _objects_dir(path) / f"batch_{batch_id:06d}.h5"
 
 
 def _lock_path(path: Path) -> Path:

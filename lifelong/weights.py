@@ -2,8 +2,9 @@
 
 Every edit is expressed on W ∈ R^{d_out×d_in} (out × in), whatever the module stores:
 `nn.Linear` keeps W as is, GPT-2's `Conv1D` keeps Wᵀ. Shapes come from the weights.
-The model at batch N is base + the Δ = A·B of the active batches applied in order, by
-`materialize` alone, so a rollback recomputes exactly the floats a push produced.
+The model at batch N is base + the Δ = A·B of the active batches, summed in float64 and
+rounded to fp32 once, by `materialize` alone, so a rollback recomputes exactly the floats
+a push produced.
 """
 from __future__ import annotations
 
@@ -56,13 +57,28 @@ def fingerprint(w: torch.Tensor) -> str:
     return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
-def materialize(base: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """base + A₁B₁ + A₂B₂ + … in order, in fp32, on the CPU whatever device the model is on
-    (so a store's fingerprints hold on every machine); the one place weights are computed."""
-    w = base.detach().to("cpu", torch.float32).clone()  # (d_out, d_in)
+def float64_sum(start: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """start + A₁B₁ + A₂B₂ + … in float64, in order: `materialize`'s sum before its rounding.
+
+    On the CPU whatever device the model is on, so a store's fingerprints hold on every
+    machine. start is the base, or such a sum, which a long history (the format migration, the
+    scale bench) extends batch by batch: the same operations, so the same bits.
+    """
+    w = start.detach().to("cpu", torch.float64, copy=True)  # (d_out, d_in)
     for a, b in factors:  # a: (d_out, r), b: (r, d_in)
-        w = w + (a.detach().to("cpu", torch.float32) @ b.detach().to("cpu", torch.float32))
+        w.addmm_(a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64))
     return w
+
+
+def materialize(base: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """base + A₁B₁ + A₂B₂ + … summed in float64 and rounded to fp32 once; the one place
+    weights are computed (store format 2; format 1 rounded after each term).
+
+    One rounding keeps the merged weights as close to base(x) + ΣA(Bx) (a PEFT adapter
+    of the stacked factors) as fp32 allows, however many batches are active, and makes
+    them a function of the active set alone.
+    """
+    return float64_sum(base, factors).to(torch.float32)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

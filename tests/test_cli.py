@@ -149,19 +149,34 @@ def test_second_init_on_same_path_exits_1_names_the_store_and_leaves_it_byte_ide
 # ----------------------------------------------------------------------------- 2. malformed pushes
 
 GOOD = {"subject": "Italy", "prompt": "The capital of {} is", "target": "Paris"}
-BAD_LINES = {  # name -> (line text, field the problem is reported on)
+
+
+def _line(**kw) -> str:
+    return json.dumps({"subject": "X", "prompt": "{} is", "target": "Y", **kw})
+
+
+BAD_LINES = {  # name -> (line, field the problem is reported on)
     "bad_json": ('{"subject": "X", "prompt": "{} is", "target": ', "line"),
+    "invalid_utf8": (b'{"subject": "Caf\xe9", "prompt": "{} is", "target": "Y"}', "line"),
+    "huge_line": (_line(target="y" * 100_001), "line"),
+    "nan": ('{"subject": "X", "prompt": "{} is", "target": "Y", "id": NaN}', "line"),
+    "infinity": ('{"subject": "X", "prompt": "{} is", "target": "Y", "id": -Infinity}', "line"),
+    "deep_nesting": (_line(id=json.loads("[" * 30 + "]" * 30)), "line"),
     "missing_field": (json.dumps({"prompt": "{} is", "target": "Y"}), "subject"),
-    "prompt_without_slot": (json.dumps({"subject": "X", "prompt": "no slot here", "target": "Y"}), "prompt"),
-    "empty_target": (json.dumps({"subject": "X", "prompt": "{} is", "target": "  "}), "target"),
-    "unknown_field": (json.dumps({"subject": "X", "prompt": "{} is", "target": "Y", "colour": "blue"}), "colour"),
+    "prompt_without_slot": (_line(prompt="no slot here"), "prompt"),
+    "prompt_with_two_slots": (_line(prompt="{} and {} are"), "prompt"),
+    "subject_written_out": (_line(prompt="X is"), "prompt"),
+    "empty_target": (_line(target=""), "target"),
+    "whitespace_target": (_line(target=" \t "), "target"),
+    "duplicate_fact": (json.dumps(dict(GOOD, target="Rome")), "line"),   # line 1's subject and relation
+    "unknown_field": (_line(colour="blue"), "colour"),
 }
 PROBLEM = re.compile(r"^(?P<file>.+):(?P<line>\d+): (?P<field>[^:]+): (?P<problem>\S.*)$")
 
 
 def _malformed(tmp_path: Path, case: str) -> tuple[Path, list[tuple[int, str]]]:
     """A fact file for `case` and the (line, field) of every problem it holds."""
-    if case == "all_five":
+    if case == "all":
         lines, expected = [json.dumps(GOOD)], []
         for text, fld in BAD_LINES.values():
             lines.append(text)
@@ -170,11 +185,11 @@ def _malformed(tmp_path: Path, case: str) -> tuple[Path, list[tuple[int, str]]]:
         text, fld = BAD_LINES[case]
         lines, expected = [json.dumps(GOOD), text], [(2, fld)]
     path = tmp_path / f"{case}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_bytes(b"".join((t if isinstance(t, bytes) else t.encode()) + b"\n" for t in lines))
     return path, expected
 
 
-@pytest.mark.parametrize("case", ["all_five", *BAD_LINES])
+@pytest.mark.parametrize("case", ["all", *BAD_LINES])
 def test_malformed_push_exits_2_lists_every_problem_and_leaves_store_byte_identical(one_batch, tmp_path, case):
     bad, expected = _malformed(tmp_path, case)
     before = store_digest(one_batch)

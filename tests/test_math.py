@@ -6,7 +6,7 @@ import torch
 from lifelong.alignment import ResidualBank
 from lifelong.stats import projector
 from lifelong.update import memit_update, projected_update
-from lifelong.weights import fingerprint, materialize
+from lifelong.weights import fingerprint, float64_sum, materialize
 
 D_IN, D_OUT = 24, 10
 
@@ -91,16 +91,25 @@ def test_memit_update_solves_its_normal_equations():
     assert torch.allclose(lhs, R.double() @ K.double().t(), atol=1e-4)
 
 
-def test_materialize_is_bit_reproducible_and_ordered():
+def test_materialize_is_the_float64_sum_rounded_once():
     g = torch.Generator().manual_seed(5)
     base = torch.randn(D_OUT, D_IN, generator=g)
-    f = [(torch.randn(D_OUT, 2, generator=g), torch.randn(2, D_IN, generator=g)) for _ in range(3)]
+    f = [(1e-3 * torch.randn(D_OUT, 2, generator=g), torch.randn(2, D_IN, generator=g)) for _ in range(20)]
+    exact = base.double()
+    for a, b in f:
+        exact = exact + a.double() @ b.double()
+    got = materialize(base, f)
+    assert got.dtype == torch.float32 and torch.equal(got, exact.float())
+    ulp = (torch.nextafter(got, torch.tensor(float("inf"))) - got).double()
+    assert bool(((got.double() - exact).abs() <= ulp / 2).all())   # correctly rounded
+    assert fingerprint(materialize(base, f)) == fingerprint(got)   # the same factors, the same bits
+    assert torch.equal(materialize(base, []), base) and not torch.equal(materialize(base, f[:1]), base)
+    assert torch.equal(float64_sum(float64_sum(base, f[:7]), f[7:]), float64_sum(base, f))   # extendable
     step = base.clone()
-    for a, b in f:  # as pushes apply them, one after another
-        step = materialize(step, [(a, b)])
-    assert fingerprint(materialize(base, f)) == fingerprint(step)
-    assert fingerprint(materialize(base, [])) == fingerprint(base)
-    assert fingerprint(materialize(base, f[:1])) != fingerprint(base)
+    for a, b in f:   # store format 1: rounded after each batch, which drifts from the exact sum
+        step = step + a @ b
+    assert not torch.equal(step, got)
+    assert float((step.double() - exact).abs().max()) > float((got.double() - exact).abs().max())
 
 
 def test_alignment_pulls_residual_cosines_toward_key_cosines():
