@@ -1,7 +1,8 @@
 """Push speed: the straightforward value loop against lifelong's, side by side, one process.
 
 On the same store, facts, seeds and steps, runs one batch edit with
-`values.optimize_value` (every row through every layer at every step) and one with
+`values.optimize_value` (the authors' loop: every row through every layer, logits at
+every position, at every step, one group after another) and one with
 what `push` runs (only what depends on δ, every group of the batch in one joint loop when
 alignment is off: values_fast + values_batched), from the same head weights,
 and reports seconds per fact, token-layer passes per step, the ratio, the relative δ
