@@ -10,6 +10,7 @@ from lifelong.facts import Fact
 from lifelong.models import load_model, resolve_model
 from lifelong.policy import Policy
 from lifelong.values import optimize_value
+from lifelong import values_fast
 from lifelong.values_fast import optimize_value_fast
 
 CONTEXTS = ["{}", "I think the piano is loud. {}"]
@@ -65,6 +66,15 @@ def test_fast_delta_matches_straightforward(tiny, facts, caplog):
     assert fast.nll_start == pytest.approx(slow.nll_start, rel=1e-5)
     assert fast.nll == pytest.approx(slow.nll, rel=1e-4, abs=1e-6)
     assert fast.token_layer_passes < slow.token_layer_passes
+
+
+@pytest.mark.parametrize("chunk", [1, 10**6], ids=["rows-nearly-alone", "one-chunk"])
+def test_packing_leaves_delta_unchanged(tiny, monkeypatch, chunk):
+    """Suffixes packed many to a chunk, or about one per chunk, give the same δ."""
+    monkeypatch.setattr(values_fast, "CHUNK", chunk)
+    pol = policy(tiny[0]).with_overrides(early_stop_loss=0.0)
+    slow, fast = both(tiny, SAME_SUBJECT, CONTEXTS, pol)
+    assert rel(fast.delta, slow.delta) < 1e-4
 
 
 def test_bare_context_only_and_clamp(tiny):
