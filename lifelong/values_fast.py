@@ -62,6 +62,28 @@ class _Arch:
     norm: torch.nn.Module            # final norm
     rotary: torch.nn.Module | None   # rotary embedding module (rope only)
     L: int                           # index of the layer whose output gets δ
+    sdpa: bool = True                # attention implementation: sdpa (else eager)
+
+    def mask(self, allowed: torch.Tensor, dtype) -> torch.Tensor:
+        """An attention mask (n, 1, q, k) as the implementation takes it, from where attending is allowed."""
+        if self.sdpa:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+
+    def run(self, h: torch.Tensor, lo: int, hi: int, mask, position_ids, pe=None, kv=None) -> torch.Tensor:
+        """Decoder layers lo … hi-1 on h (n, T, d); pe: rotary (cos, sin) at position_ids,
+        computed here if None; kv: a cache holding keys/values before these positions."""
+        if self.kind == "rope" and pe is None:
+            pe = self.rotary(h, position_ids)
+        for i in range(lo, hi):
+            if self.kind == "rope":
+                h = self.layers[i](h, attention_mask=mask, position_ids=position_ids, past_key_values=kv,
+                                   use_cache=False, position_embeddings=pe)
+            else:
+                h = self.layers[i](h, past_key_values=kv, attention_mask=mask, use_cache=False)
+            h = _hidden(h)
+        return h
 
 
 def _recognise(model, layer_module: str) -> _Arch | str:
@@ -83,6 +105,7 @@ def _recognise(model, layer_module: str) -> _Arch | str:
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ("eager", "sdpa"):
         return f"attention implementation {impl!r}"
+    arch.sdpa = impl == "sdpa"
     types = getattr(cfg, "layer_types", None)
     if types is not None and any(t != "full_attention" for t in types):
         return "layers other than full attention"
@@ -134,7 +157,6 @@ class _FastForward:
         device = next(model.parameters()).device
         self.arch = arch
         self.lm_head = model.get_output_embeddings()
-        self.sdpa = model.config._attn_implementation == "sdpa"
         ids, mask = pad_rows(g.rows, pad_id, device)
         n, T = ids.shape
         self.n_rows = n
@@ -246,12 +268,7 @@ class _FastForward:
         slot = torch.arange(C, device=device)
         prefix_ok = (q_owner[:, :, None] == pre_owner[:, None, :]) & (q_owner[:, :, None] >= 0)
         causal = (q_owner[:, :, None] == q_owner[:, None, :]) & (slot[None, :] <= slot[:, None])
-        allowed = torch.cat([prefix_ok, causal], dim=-1)[:, None]              # (c, 1, C, Pc + C)
-        if self.sdpa:
-            mask = allowed
-        else:
-            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=device).masked_fill(
-                ~allowed, torch.finfo(h.dtype).min)
+        mask = self.arch.mask(torch.cat([prefix_ok, causal], dim=-1)[:, None], h.dtype)   # (c, 1, C, Pc + C)
 
         score_rows = torch.cat([self.r_idx, self.ess_rows])                     # view rows
         scored = first[score_rows] + torch.cat([self.p_rel, self.ess_rel])
@@ -286,13 +303,7 @@ class _FastForward:
         delta = delta.expand(self.n_rows, d) if delta.dim() == 1 else delta
         add = torch.zeros(c * C, d, dtype=delta.dtype, device=delta.device).index_add(0, p.first, delta)
         h = (p.h + add.view(c, C, d)).to(p.h.dtype)                          # δ at each row's s
-        for i in range(a.L + 1, len(a.layers)):
-            if a.kind == "rope":
-                h = a.layers[i](h, attention_mask=p.mask, position_ids=p.position_ids,
-                                past_key_values=p.kv, use_cache=False, position_embeddings=p.pe)
-            else:
-                h = a.layers[i](h, past_key_values=p.kv, attention_mask=p.mask, use_cache=False)
-            h = _hidden(h)
+        h = a.run(h, a.L + 1, len(a.layers), p.mask, p.position_ids, p.pe, p.kv)
         # final norm and LM head only at the scored positions, in one product (the head's
         # weights are read once per step): target positions, then the essence rows' last
         logp = torch.log_softmax(self.lm_head(a.norm(h.reshape(c * C, d)[p.scored])).float(), dim=-1)
