@@ -74,6 +74,7 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
     forward() -> (log-prob of each scored target token (n_tgt,), essence log-probs (1, vocab)
     or (vocab,)); per step: per-row mean NLL over target tokens, mean over contexts, summed
     over facts; early stop on that NLL; then KL, weight decay, alignment, Adam, clamp.
+    ess_init: the unedited essence log-probs, or None to read them off step 0 (δ = 0).
     Returns (steps taken, first NLL, last NLL). check_first(tok_logp, ess_logp) may raise _Abort.
     """
     device = delta.device
@@ -82,6 +83,8 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
         tok_logp, ess_logp = forward()
         if step == 0 and check_first is not None:
             check_first(tok_logp.detach(), ess_logp.detach())
+        if ess_init is None:
+            ess_init = ess_logp.detach()
         row_nll = torch.zeros(n_rows, device=device).index_add(0, r_idx, -tok_logp)
         row_len = torch.zeros(n_rows, device=device).index_add(0, r_idx, torch.ones_like(tok_logp))
         nll = (row_nll[fact_rows] / row_len[fact_rows]).sum() / n_ctx
@@ -136,11 +139,9 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
         logp = torch.log_softmax(logits.float(), dim=-1)                                # (n, T, vocab)
         return logp[r_idx, p_idx, t_idx], logp[ess, ess_pos]                          # (n_tgt,), (vocab,)
 
-    with torch.no_grad():
-        _, ess_init = forward()  # δ = 0: the unedited essence distribution
-
+    # the unedited essence distribution is step 0's (δ = 0), as in the authors' loop
     steps, nll_start, nll_val = run_steps(forward, delta, opt, len(g.rows), r_idx, fact_rows, n_ctx,
-                                          ess_init, h_norm, policy, align)
+                                          None, h_norm, policy, align)
     return ValueResult(
         delta=delta.detach().clone(), h_norm=h_norm, steps=steps, nll=nll_val,
         nll_start=nll_start, seconds=time.perf_counter() - t0,
