@@ -75,7 +75,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
     steps = torch.zeros(G, dtype=torch.long)
     nll_start = nll_last = None
     view, groups_in_view = fwd, torch.arange(G, device=device)
-    passes = 0
+    passes = forwards = 0
     for step in range(policy.steps):
         if len(groups_in_view) != int(active.sum()):  # some groups stopped: compute only the rest
             groups_in_view = active.nonzero()[:, 0]
@@ -83,6 +83,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
         row_group = row_group_all[torch.isin(row_group_all, groups_in_view)]     # (view rows,)
         tok_logp, ess_logp = view(delta[row_group])
         passes += view.token_layer_passes
+        forwards += len(groups_in_view)
         ess_init = fwd.ess_init[groups_in_view]                                  # (g, vocab)
         if step == 0:
             err = max(float((tok_logp.detach() - fwd.ref_tok_logp).abs().max()),
@@ -118,7 +119,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
             delta.mul_(scale[:, None])
         steps[active.cpu()] += 1
     seconds = (time.perf_counter() - t0) / G
-    passes = passes / max(1, int(steps.max())) / G  # mean per step and group
+    passes = passes / forwards  # per forward of one group, as optimize_value counts them
     return [ValueResult(delta=delta[g].detach().clone(), h_norm=float(h_norm[g]), steps=int(steps[g]),
                         nll=float(nll_last[g]), nll_start=float(nll_start[g]), seconds=seconds,
                         token_layer_passes=int(passes)) for g in range(G)]
