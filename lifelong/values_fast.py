@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 # largest |Δ log p| allowed between the fast and the ordinary forward at δ = 0
 _CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-6}
 _CHECK_TOL_LOW = 5e-2  # half precisions
-# token slots per packed chunk: longer chunks attend to more masked-out prefix columns,
-# shorter ones leave more slots unused at their ends
+# most token slots per packed chunk (unless a segment is longer): each slot attends to all
+# of its chunk's prefix columns, masked or not
 CHUNK = 32
 
 
@@ -152,14 +152,9 @@ class _Packing:
 
     def __init__(self, seg: list[int], pre: list[int], device):
         n = len(seg)
-        C = max(min(CHUNK, sum(seg)), max(seg))
-        chunk, start, used = [0] * n, [0] * n, []
-        for r in sorted(range(n), key=lambda r: -seg[r]):
-            c = next((c for c, u in enumerate(used) if u + seg[r] <= C), len(used))
-            if c == len(used):
-                used.append(0)
-            chunk[r], start[r] = c, used[c]
-            used[c] += seg[r]
+        # the chunk length, up to CHUNK (or the longest segment), that leaves the fewest unused slots
+        C, (chunk, start, used) = min(((C, _first_fit(seg, C)) for C in range(max(seg), max(CHUNK, max(seg)) + 1)),
+                                      key=lambda x: len(x[1][2]) * x[0])
         self.n_chunks, self.C = len(used), C
         # every packed token as (row, j), row by row, and its flat slot
         long = dict(dtype=torch.long, device=device)
@@ -214,6 +209,19 @@ class _Packing:
         return _PrefixKV({i: (k[t, :, self.pre_pos].transpose(1, 2).contiguous(),
                               v[t, :, self.pre_pos].transpose(1, 2).contiguous())
                           for i, (k, v) in kv.items()}, record)                      # (c, kv_heads, Pc, hd)
+
+
+def _first_fit(seg: list[int], C: int) -> tuple[list[int], list[int], list[int]]:
+    """Segments into chunks of C slots, longest first, each into the first chunk with room:
+    (chunk of each row, its first slot there, slots used per chunk)."""
+    chunk, start, used = [0] * len(seg), [0] * len(seg), []
+    for r in sorted(range(len(seg)), key=lambda r: -seg[r]):
+        c = next((c for c, u in enumerate(used) if u + seg[r] <= C), len(used))
+        if c == len(used):
+            used.append(0)
+        chunk[r], start[r] = c, used[c]
+        used[c] += seg[r]
+    return chunk, start, used
 
 
 def _shared_prefixes(rows: list[tuple[int, ...]], caps: list[int]) -> list[int]:
