@@ -10,7 +10,7 @@ Nothing at positions < s, and nothing at layers ≤ L, depends on δ. So, once p
       row's suffix [s, end) is kept;
   (c) the positions [stem, s) go on through the layers after L: with the stem's, these
       keys/values are the prefix each row's suffix attends to.
-Every pass packs its tokens, unpadded, into chunks of about CHUNK token slots (one batch
+Every pass packs its tokens, unpadded, into chunks of at most CHUNK token slots (one batch
 row per chunk, several rows per chunk): lengths differ, and padding every suffix to the
 longest one computed 1.7× the tokens on 10 CounterFact facts, while one small batch per
 length leaves the matrix products too small to run at full speed on a CPU. Each step
@@ -143,8 +143,9 @@ class _PrefixKV:
 
 
 class _Packing:
-    """Token segments of rows packed, unpadded, into chunks of about CHUNK slots, one batch
-    row per chunk, so that every linear layer sees all tokens in one product.
+    """Token segments of rows packed, unpadded, into chunks of equal length (at most CHUNK
+    slots, unless a segment is longer), one batch row per chunk, so that every linear layer
+    sees all tokens in one product.
 
     Row r puts seg[r] tokens into consecutive slots of one chunk (first fit, longest
     first); they attend causally to each other and to pre[r] cached prefix columns of their
