@@ -14,8 +14,8 @@ import torch
 
 from .alignment import ResidualBank
 from .facts import Fact
-from .prompts import make_row, pad_rows
-from .trace import _Stop, _hidden, hooks, layer_name
+from .keys import BatchKeys
+from .trace import layer_name
 from .update import memit_update, projected_update
 from .values import ValueResult
 from .values_batched import optimize_values_batched
@@ -50,64 +50,6 @@ class BatchEdit:
     timings: dict = field(default_factory=dict)
 
 
-def _rows_for(tok, groups: list[Group], contexts: list[str]):
-    """Prompt-only rows: every fact × context of every group, with owners."""
-    rows, owner, is_bare = [], [], []
-    for gi, g in enumerate(groups):
-        for fact in g.facts:
-            for ci, ctx in enumerate(contexts):
-                rows.append(make_row(tok, ctx, fact.prompt, fact.subject, None))
-                owner.append(gi)
-                is_bare.append(ci == 0)
-    return rows, owner, is_bare
-
-
-@torch.no_grad()
-def keys_and_outputs(model, tok, groups: list[Group], contexts: list[str], key_module: str | None,
-                     out_layer: str, batch: int = 64) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Per group: mean key at key_module over facts × contexts (n, d_in), and mean h^L
-    at the subject over its facts' bare prompts (n, d_model)."""
-    device = next(model.parameters()).device
-    rows, owner, is_bare = _rows_for(tok, groups, contexts)
-    n = len(groups)
-    key_sum, key_cnt, out_sum, out_cnt = None, torch.zeros(n), None, torch.zeros(n)
-    for start in range(0, len(rows), batch):
-        part = rows[start : start + batch]
-        ids, mask = pad_rows(part, tok.pad_token_id, device)
-        pos = torch.tensor([r.subject_pos for r in part], device=device)
-        ar = torch.arange(len(part), device=device)
-        got = {}
-
-        def pre(_m, args):
-            got["k"] = args[0][ar, pos].float().cpu()
-
-        def post(_m, _a, output):
-            got["h"] = _hidden(output)[ar, pos].float().cpu()
-            raise _Stop
-
-        spec = {out_layer: ("post", post)}
-        if key_module is not None:
-            spec[key_module] = ("pre", pre)
-        with hooks(model, spec):
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _Stop:
-                pass
-        own = torch.tensor(owner[start : start + batch])
-        bare = torch.tensor(is_bare[start : start + batch])
-        if key_module is not None:
-            k = got["k"]
-            key_sum = torch.zeros(n, k.shape[1]) if key_sum is None else key_sum
-            key_sum.index_add_(0, own, k)
-            key_cnt.index_add_(0, own, torch.ones(len(part)))
-        h = got["h"][bare]
-        out_sum = torch.zeros(n, got["h"].shape[1]) if out_sum is None else out_sum
-        out_sum.index_add_(0, own[bare], h)
-        out_cnt.index_add_(0, own[bare], torch.ones(int(bare.sum())))
-    keys = key_sum / key_cnt[:, None] if key_module is not None else None
-    return keys, out_sum / out_cnt[:, None]
-
-
 def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
                  layer_ctx: dict[int, LayerContext], bank: ResidualBank,
                  log=lambda msg: None, optimize=None) -> BatchEdit:
@@ -121,11 +63,11 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     layers = list(policy.layers)
     L = layers[-1]
     out_layer = layer_name(policy.module_template, L)
-    key_L_module = module_name(policy.module_template, L)
 
     t = time.perf_counter()
-    bank_keys, h_start = keys_and_outputs(model, tok, groups, contexts, key_L_module, out_layer)
-    timings["keys_at_L"] = time.perf_counter() - t
+    current = BatchKeys(model, tok, groups, contexts, policy.module_template, layers)
+    bank_keys, h_start = current.keys[L], current.out
+    timings["keys"] = time.perf_counter() - t
 
     # values, one group after another, each aligned to the bank as it grows
     t = time.perf_counter()
@@ -155,8 +97,10 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     t = time.perf_counter()
     factors, keys = {}, {}
     for i, layer in enumerate(layers):
+        if i:
+            current.after_update(layers[i - 1])
+        K, cur = current.keys[layer], current.out
         mod_name = module_name(policy.module_template, layer)
-        K, cur = keys_and_outputs(model, tok, groups, contexts, mod_name, out_layer)
         R = (z - cur).t() / (len(layers) - i)                         # (d_model, n)
         ctx = layer_ctx[layer]
         if ctx.P is not None:

@@ -19,11 +19,11 @@ def projected_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
     dev = P.device  # the stored statistics' device decides where the solve runs
     K64, P64 = K.to(dev, torch.float64), P.to(torch.float64)
     d_in = K64.shape[0]
-    cov = K64 @ K64.t()                                              # (d_in, d_in)
+    PK = P64 @ K64                                                   # (d_in, n)
+    M = PK @ K64.t() + alpha * torch.eye(d_in, dtype=torch.float64, device=dev)   # P KKᵀ: rank n
     if KpKpT is not None:
-        cov = cov + KpKpT.to(dev, torch.float64)
-    M = P64 @ cov + alpha * torch.eye(d_in, dtype=torch.float64, device=dev)
-    X = _solve(M, P64 @ K64)                                         # (d_in, n)
+        M = M + P64 @ KpKpT.to(dev, torch.float64)
+    X = _solve(M, PK)                                                # (d_in, n)
     return R.to(torch.float32).clone(), X.t().to(torch.float32).contiguous()
 
 

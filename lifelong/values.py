@@ -5,7 +5,12 @@ row, and optimized with Adam on
   Σ_facts mean_contexts NLL(target) + kl_factor·KL(essence) + weight_decay·‖δ‖²/‖h‖²
   + EAMET alignment against the residual bank,
 with ‖δ‖ clamped to clamp_norm_factor·‖h‖ (a norm of the same space as δ).
-Logits are computed only where target tokens are scored.
+
+`optimize_value` is the reference: the authors' loop (ROME/MEMIT `compute_v`), one
+group after another, every row through the whole model at every step, logits at every
+position and log_softmax over all of them (rows, seq, vocab) before the target tokens
+are gathered. The fast loops (values_fast, values_batched) are checked against it and
+fall back to it.
 """
 from __future__ import annotations
 
@@ -58,10 +63,6 @@ class GroupRows:
         return cls(rows, owner, len(facts))
 
 
-def _decoder(model):
-    return model.base_model
-
-
 class _Abort(Exception):
     """Raised by a first-step check to give up on a loop (the caller falls back)."""
 
@@ -73,6 +74,7 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
     forward() -> (log-prob of each scored target token (n_tgt,), essence log-probs (1, vocab)
     or (vocab,)); per step: per-row mean NLL over target tokens, mean over contexts, summed
     over facts; early stop on that NLL; then KL, weight decay, alignment, Adam, clamp.
+    ess_init: the unedited essence log-probs, or None to read them off step 0 (δ = 0).
     Returns (steps taken, first NLL, last NLL). check_first(tok_logp, ess_logp) may raise _Abort.
     """
     device = delta.device
@@ -81,6 +83,8 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
         tok_logp, ess_logp = forward()
         if step == 0 and check_first is not None:
             check_first(tok_logp.detach(), ess_logp.detach())
+        if ess_init is None:
+            ess_init = ess_logp.detach()
         row_nll = torch.zeros(n_rows, device=device).index_add(0, r_idx, -tok_logp)
         row_len = torch.zeros(n_rows, device=device).index_add(0, r_idx, torch.ones_like(tok_logp))
         nll = (row_nll[fact_rows] / row_len[fact_rows]).sum() / n_ctx
@@ -106,7 +110,8 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
 
 def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_module: str,
                    policy, align: AlignmentTerm | None, seed: int = 0) -> ValueResult:
-    """Optimize one group's δ (the straightforward loop: every row, every layer, every step)."""
+    """Optimize one group's δ with the authors' loop: every row, every layer and every
+    position's logits at every step."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     g = GroupRows.build(tok, facts, contexts)
@@ -118,7 +123,6 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
     ess = len(g.rows) - 1
     ess_pos = g.rows[ess].prompt_len - 1
     n_ctx = len(contexts)
-    lm_head = model.get_output_embeddings()
 
     h0 = layer_outputs(model, layer_module, ids[:1], mask[:1], subj[:1])[0]   # (d_model,)
     h_norm = float(h0.norm())
@@ -131,16 +135,13 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
 
     def forward() -> tuple[torch.Tensor, torch.Tensor]:
         with hooks(model, hook):
-            h = _decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        logp = torch.log_softmax(lm_head(h[r_idx, p_idx]).float(), dim=-1)       # (n_tgt, vocab)
-        ess_logp = torch.log_softmax(lm_head(h[ess, ess_pos]).float(), dim=-1)  # (vocab,)
-        return logp.gather(1, t_idx[:, None])[:, 0], ess_logp
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits   # (n, T, vocab)
+        logp = torch.log_softmax(logits.float(), dim=-1)                                # (n, T, vocab)
+        return logp[r_idx, p_idx, t_idx], logp[ess, ess_pos]                          # (n_tgt,), (vocab,)
 
-    with torch.no_grad():
-        _, ess_init = forward()  # δ = 0: the unedited essence distribution
-
+    # the unedited essence distribution is step 0's (δ = 0), as in the authors' loop
     steps, nll_start, nll_val = run_steps(forward, delta, opt, len(g.rows), r_idx, fact_rows, n_ctx,
-                                          ess_init, h_norm, policy, align)
+                                          None, h_norm, policy, align)
     return ValueResult(
         delta=delta.detach().clone(), h_norm=h_norm, steps=steps, nll=nll_val,
         nll_start=nll_start, seconds=time.perf_counter() - t0,

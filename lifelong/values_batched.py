@@ -58,24 +58,24 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
         group_of_row += [gi] * len(g.rows)
         fact_group += [gi] * g.n_facts
     table = GroupRows(rows, fact_of_row, len(fact_group))
+    G, n_ctx = len(groups), len(contexts)
     try:
-        fwd = _FastForward(model, arch, layer_module, table, tok.pad_token_id)
+        fwd = _FastForward(model, arch, table, tok.pad_token_id, checked=first_row[1] if G > 1 else len(rows))
     except (_Unsupported, AttributeError, IndexError) as e:
         log.warning("joint value optimization unavailable (%s): one group at a time", e)
         return _sequential(model, tok, groups, contexts, layer_module, policy, seed)
 
-    G, n_ctx = len(groups), len(contexts)
     row_group_all = torch.tensor(group_of_row, device=device)                   # (n_rows,)
     h_norm = fwd.h_at_subject[torch.tensor(first_row, device=device)].norm(dim=-1)  # (G,)
-    delta = torch.zeros(G, fwd.h_suffix.shape[-1], device=device, requires_grad=True)
+    delta = torch.zeros(G, fwd.hL.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=policy.lr)
-    tol = _CHECK_TOL.get(fwd.h_suffix.dtype, _CHECK_TOL_LOW)
+    tol = _CHECK_TOL.get(fwd.hL.dtype, _CHECK_TOL_LOW)
 
     active = torch.ones(G, dtype=torch.bool, device=device)
     steps = torch.zeros(G, dtype=torch.long)
     nll_start = nll_last = None
     view, groups_in_view = fwd, torch.arange(G, device=device)
-    passes = 0
+    passes = forwards = 0
     for step in range(policy.steps):
         if len(groups_in_view) != int(active.sum()):  # some groups stopped: compute only the rest
             groups_in_view = active.nonzero()[:, 0]
@@ -83,13 +83,14 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
         row_group = row_group_all[torch.isin(row_group_all, groups_in_view)]     # (view rows,)
         tok_logp, ess_logp = view(delta[row_group])
         passes += view.token_layer_passes
-        ess_init = fwd.ess_init[groups_in_view]                                  # (g, vocab)
-        if step == 0:
-            err = max(float((tok_logp.detach() - fwd.ref_tok_logp).abs().max()),
-                      float((ess_logp.detach() - ess_init).abs().max()))
+        forwards += len(groups_in_view)
+        if step == 0:  # δ = 0: the unedited essence distributions, and the check
+            ess_all = ess_logp.detach()                                          # (G, vocab)
+            err = fwd.error(tok_logp.detach(), ess_all)
             if not err <= tol:
                 log.warning("joint value forward differs by %.3g at δ = 0: one group at a time", err)
                 return _sequential(model, tok, groups, contexts, layer_module, policy, seed)
+        ess_init = ess_all[groups_in_view]                                       # (g, vocab)
         fact_rows = torch.tensor(view.fact_rows, device=device, dtype=torch.long)
         row_nll = torch.zeros(view.n_rows, device=device).index_add(0, view.r_idx, -tok_logp)
         row_len = torch.zeros(view.n_rows, device=device).index_add(0, view.r_idx, torch.ones_like(tok_logp))
@@ -118,7 +119,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
             delta.mul_(scale[:, None])
         steps[active.cpu()] += 1
     seconds = (time.perf_counter() - t0) / G
-    passes = passes / max(1, int(steps.max())) / G  # mean per step and group
+    passes = passes / forwards  # per forward of one group, as optimize_value counts them
     return [ValueResult(delta=delta[g].detach().clone(), h_norm=float(h_norm[g]), steps=int(steps[g]),
                         nll=float(nll_last[g]), nll_start=float(nll_start[g]), seconds=seconds,
                         token_layer_passes=int(passes)) for g in range(G)]

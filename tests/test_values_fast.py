@@ -9,7 +9,9 @@ import torch
 from lifelong.facts import Fact
 from lifelong.models import load_model, resolve_model
 from lifelong.policy import Policy
-from lifelong.values import optimize_value
+from lifelong.trace import _hidden, hooks
+from lifelong.values import GroupRows, optimize_value
+from lifelong import values_fast
 from lifelong.values_fast import optimize_value_fast
 
 CONTEXTS = ["{}", "I think the piano is loud. {}"]
@@ -65,6 +67,37 @@ def test_fast_delta_matches_straightforward(tiny, facts, caplog):
     assert fast.nll_start == pytest.approx(slow.nll_start, rel=1e-5)
     assert fast.nll == pytest.approx(slow.nll, rel=1e-4, abs=1e-6)
     assert fast.token_layer_passes < slow.token_layer_passes
+
+
+@pytest.mark.parametrize("chunk", [1, 10**6], ids=["rows-nearly-alone", "one-chunk"])
+def test_packing_leaves_delta_unchanged(tiny, monkeypatch, chunk):
+    """Suffixes packed many to a chunk, or about one per chunk, give the same δ."""
+    monkeypatch.setattr(values_fast, "CHUNK", chunk)
+    pol = policy(tiny[0]).with_overrides(early_stop_loss=0.0)
+    slow, fast = both(tiny, SAME_SUBJECT, CONTEXTS, pol)
+    assert rel(fast.delta, slow.delta) < 1e-4
+
+
+def test_cached_tables_equal_the_models_forward(tiny):
+    """h^L over each suffix and the keys/values after L before it, built from shared stems
+    and packed passes, are the model's own over each whole row."""
+    arch, model, tok = tiny
+    g = GroupRows.build(tok, SAME_SUBJECT, CONTEXTS + ["Because the river. {}"])
+    ids, mask = values_fast.pad_rows(g.rows, tok.pad_token_id, "cpu")
+    lens, subj = mask.sum(1), torch.tensor([r.subject_pos for r in g.rows])
+    k, _, _ = values_fast._stems(model, ids, lens, subj, tok.pad_token_id, model.config.num_hidden_layers)
+    assert int(k.max()) > 0                                   # contexts shared as stems
+    fwd = values_fast._FastForward(model, values_fast._recognise(model, LAYER[arch]), g, tok.pad_token_id, 1)
+    for r in range(len(g.rows)):
+        got = {}
+        spec = {LAYER[arch]: ("post", lambda _m, _a, o: got.update(h=_hidden(o)))}
+        with hooks(model, spec), torch.no_grad():
+            cache = model.base_model(input_ids=ids[r : r + 1, : lens[r]], use_cache=True).past_key_values
+        s = int(subj[r])
+        torch.testing.assert_close(fwd.hL[r, s : lens[r]], got["h"][0, s:], rtol=1e-5, atol=1e-5)
+        for i, (keys, values) in fwd.kv.items():
+            torch.testing.assert_close(keys[r, :, :s], cache.layers[i].keys[0, :, :s], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(values[r, :, :s], cache.layers[i].values[0, :, :s], rtol=1e-5, atol=1e-5)
 
 
 def test_bare_context_only_and_clamp(tiny):

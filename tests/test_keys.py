@@ -1,0 +1,75 @@
+"""Spreading's keys and outputs, kept current by partial passes, equal whole passes on full prompts."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lifelong import keys
+from lifelong.edit import Group
+from lifelong.facts import Fact
+from lifelong.keys import BatchKeys
+from lifelong.prompts import make_row
+from lifelong.trace import hooks, layer_name
+from lifelong.weights import get_module, module_name, read_matrix, write_matrix
+
+GROUPS = [
+    Group("France", [Fact("France", "The capital of {} is", "Rome", "capital"),
+                     Fact("France", "The official language of {} is", "Dutch", "language")]),
+    Group("Apple", [Fact("Apple", "{} makes the", "piano", "makes")]),
+    Group("Toko Yasuda", [Fact("Toko Yasuda", "{} plays the", "violin", "plays")]),
+]
+CONTEXTS = ["{}", "Because the river. {}", "I think the piano is loud. {}"]
+TEMPLATES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}.mlp.c_proj"}
+LAYERS = [0, 1, 2]
+
+
+def whole_passes(model, tok, template: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean key at `layer` and mean h^L (bare prompts) per group, one full prompt at a time."""
+    keys_, outs = [], []
+    for g in GROUPS:
+        k, h = [], []
+        for fact in g.facts:
+            for ci, ctx in enumerate(CONTEXTS):
+                row = make_row(tok, ctx, fact.prompt, fact.subject, None)
+                got = {}
+                spec = {module_name(template, layer): ("pre", lambda _m, a: got.update(k=a[0][0, row.subject_pos])),
+                        layer_name(template, LAYERS[-1]): ("post", lambda _m, _a, o: got.update(
+                            h=(o[0] if isinstance(o, tuple) else o)[0, row.subject_pos]))}
+                with hooks(model, spec), torch.no_grad():
+                    model(input_ids=torch.tensor([row.ids]))
+                k.append(got["k"])
+                if ci == 0:
+                    h.append(got["h"])
+        keys_.append(torch.stack(k).mean(0))
+        outs.append(torch.stack(h).mean(0))
+    return torch.stack(keys_), torch.stack(outs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("recognised", [True, False], ids=["partial-passes", "whole-passes"])
+def test_keys_follow_each_layer_update(arch, recognised, tiny_llama_dir, tiny_gpt2_dir, monkeypatch):
+    path = tiny_llama_dir if arch == "llama" else tiny_gpt2_dir
+    model = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(path)
+    template = TEMPLATES[arch]
+    if not recognised:
+        monkeypatch.setattr(keys, "_recognise", lambda *_a: "not recognised in this test")
+    current = BatchKeys(model, tok, GROUPS, CONTEXTS, template, LAYERS, batch=4)   # several batches of rows
+    assert (current.cached == LAYERS[0]) == recognised       # the next pass starts at layer 0, not the tokens
+    g = torch.Generator().manual_seed(0)
+    before = None
+    for i, layer in enumerate(LAYERS):
+        if i:
+            current.after_update(LAYERS[i - 1])
+            assert not torch.allclose(current.keys[layer], before, atol=1e-3)   # the update reached it
+        for later in LAYERS[i:]:
+            k, out = whole_passes(model, tok, template, later)
+            torch.testing.assert_close(current.keys[later], k, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(current.out, out, rtol=1e-5, atol=1e-5)
+        if i + 1 < len(LAYERS):
+            before = current.keys[LAYERS[i + 1]].clone()
+        module = get_module(model, module_name(template, layer))
+        w = read_matrix(module)
+        a, b = torch.randn(w.shape[0], 2, generator=g), torch.randn(2, w.shape[1], generator=g)
+        write_matrix(module, w + 0.3 * w.abs().mean() * a @ b)
