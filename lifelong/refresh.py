@@ -219,6 +219,11 @@ def refresh(store_path, inbox, gates: dict | None = None, wait: bool = True, log
     inbox = Path(os.path.abspath(inbox))                        # batch sources name the file unambiguously
     if not inbox.is_dir():
         raise BadInput(f"inbox {inbox} is not a folder", hint="give --inbox an existing folder")
+    for sub in (DONE, FAILED):  # files and reports must stay inside the inbox
+        dest = inbox / sub
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+            raise BadInput(f"{dest} is a symbolic link or not a folder; refresh moves files only into "
+                           f"real folders inside the inbox", hint=f"replace {dest} with a folder")
     Store.open(store_path)                                      # a missing store: exit 1, inbox untouched
     t0 = time.perf_counter()
     lock_path = inbox / LOCK_NAME

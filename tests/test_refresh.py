@@ -375,3 +375,16 @@ def test_a_killed_refresh_is_finished_by_the_next_one_without_a_second_push(stor
     assert report_of(inbox / "done", "a.jsonl")["resumed"] is True
     assert [(x.id, x.status) for x in Store.open(store).records] == [(1, "active")]   # pushed once
     assert not (inbox / rf.STATE_NAME).exists() and any("resuming a.jsonl" in l for l in lines)
+
+
+@pytest.mark.parametrize("sub", ["done", "failed"])
+def test_symlinked_destination_is_refused_before_anything_is_pushed(store, inbox, tmp_path, sub):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (inbox / sub).symlink_to(elsewhere)
+    write_jsonl(inbox / "a.jsonl", APPLE)
+    before, store_before = listing(inbox), sha(store)
+    res = cli("refresh", "--inbox", inbox, "--store", store, code=2)
+    assert f"{sub} is a symbolic link" in res.stderr, res.stderr
+    assert listing(inbox) == before and sha(store) == store_before
+    assert list(elsewhere.iterdir()) == []
