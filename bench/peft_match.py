@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,8 @@ from lifelong.session import active_factors, layer_key
 from lifelong.store import Store
 from lifelong.weights import get_module, materialize, module_name
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from benchdata import SHARED, plain_wikitext
+
 PLAIN = [
     "The weather in London was cold and wet for most of the year.",
     "She opened the door and saw that the garden was full of snow.",
@@ -47,20 +47,7 @@ PLAIN = [
 TOL = 1e-4
 
 
-def clean_corpus(dst: Path, lines: int) -> Path:
-    """WikiText-2 validation lines made plain (no headings, no <unk>, ' @-@ ' -> '-')."""
-    out = []
-    for line in (SHARED / "corpus" / "wikitext2_valid.txt").read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("=") and "<unk>" not in line:
-            out.append(re.sub(r" @(.)@ ", r"\1", line))
-        if len(out) >= lines:
-            break
-    dst.write_text("\n".join(out) + "\n", encoding="utf-8")
-    return dst
 
-
-@torch.no_grad()
 def logits(model, tok, prompts: list[str]) -> list[torch.Tensor]:
     """Per prompt, its logits at every position (T, vocab), one prompt at a time (no padding)."""
     return [model(**tok(p, return_tensors="pt")).logits[0].to(torch.float64) for p in prompts]
@@ -94,7 +81,7 @@ def main(argv=None) -> dict:
     phases = {}
     tmp = Path(tempfile.mkdtemp(prefix="lifelong-peft-"))
     store_path = tmp / "s.h5"
-    api.init(store_path, model="smollm2-135m", corpus=str(clean_corpus(tmp / "corpus.txt", args.corpus_lines)))
+    api.init(store_path, model="smollm2-135m", corpus=str(plain_wikitext(tmp / "corpus.txt", args.corpus_lines, drop_unk_lines=True)))
     phases["init"] = time.perf_counter() - t0
     rows = (SHARED / "counterfact" / "counterfact_dev_3000.jsonl").read_text().splitlines()
     batches = []

@@ -30,22 +30,7 @@ from lifelong.session import Session
 from lifelong.store import Store
 from lifelong.values import optimize_value
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def clean_corpus(dst: Path, lines: int) -> Path:
-    import re
-
-    out = []
-    for line in (SHARED / "corpus" / "wikitext2_valid.txt").read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("="):
-            out.append(re.sub(r" @(.)@ ", r"\1", line).replace(" <unk>", ""))
-        if len(out) >= lines:
-            break
-    dst.write_text("\n".join(out) + "\n", encoding="utf-8")
-    return dst
-
+from benchdata import SHARED, plain_wikitext
 
 def run_edit(session: Session, facts, optimizer, policy, store) -> tuple[float, list, object]:
     """One batch edit from the current head with `optimizer`; weights restored afterwards."""
@@ -85,7 +70,7 @@ def main(argv=None) -> dict:
     import yaml
 
     yaml_file.write_text(yaml.safe_dump(json.loads(pol.model_dump_json())))
-    corpus = clean_corpus(tmp / "corpus.txt", lines=20_000)
+    corpus = plain_wikitext(tmp / "corpus.txt", lines=20_000)
     t = time.perf_counter()
     api.init(tmp / "s.h5", model="smollm2-135m", policy=str(yaml_file), corpus=str(corpus), log=lambda m: None)
     res["init_seconds"] = time.perf_counter() - t

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,10 +28,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-SHARED = Path(os.environ.get("LIFELONG_BENCH_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+from benchdata import SHARED, plain_wikitext
+
 DEV = SHARED / "counterfact" / "counterfact_dev_3000.jsonl"
 SAME = SHARED / "counterfact" / "counterfact_same_subject.jsonl"
-WIKI = SHARED / "corpus" / "wikitext2_valid.txt"
 
 VARIANTS = {  # name -> (label, push-time policy overrides[, init-time policy overrides])
     "full": ("full (alignment + merging + projection)", {"align": True, "merge_same_subject": True, "project": True}),
@@ -134,18 +133,6 @@ def init_overrides(variant: str) -> dict:
 
 def init_name(variant: str) -> str:
     return init_name_of(init_overrides(variant))
-
-
-def clean_corpus(dst: Path, lines: int = 3000) -> Path:
-    out = []
-    for line in WIKI.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("="):
-            out.append(re.sub(r" @(.)@ ", r"\1", line).replace(" <unk>", ""))
-        if len(out) >= lines:
-            break
-    dst.write_text("\n".join(out) + "\n", encoding="utf-8")
-    return dst
 
 
 def write_batch(path: Path, rows: list[dict]) -> Path:
@@ -254,7 +241,7 @@ def ensure_init(work: Path, overrides: dict) -> None:
     for p in (staging, Path(f"{staging}.d"), Path(f"{staging}.lock")):
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     api.init(staging, model="smollm2-135m", policy=str(pol_file),
-             corpus=str(clean_corpus(work / "corpus.txt", lines=20_000)), log=print)
+             corpus=str(plain_wikitext(work / "corpus.txt", lines=20_000)), log=print)
     os.replace(f"{staging}.d", work / f"{name}.h5.d")
     os.replace(staging, work / f"{name}.h5")
     (work / f"{name}.seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import their shared data module, as when run
 spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
 quality = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quality)

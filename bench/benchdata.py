@@ -1,0 +1,24 @@
+"""The evaluation data benchmarks read: ../shared/data, or $LIFELONG_BENCH_DATA (the product never does)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+SHARED = Path(os.environ.get("LIFELONG_BENCH_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+WIKI = SHARED / "corpus" / "wikitext2_valid.txt"
+
+
+def plain_wikitext(dst: Path, lines: int, drop_unk_lines: bool = False) -> Path:
+    """The first `lines` WikiText-2 validation lines made plain for `init --corpus`: no headings,
+    ' @-@ ' -> '-', and each ' <unk>' removed (or, with drop_unk_lines, lines holding one skipped)."""
+    out = []
+    for line in WIKI.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("=") or (drop_unk_lines and "<unk>" in line):
+            continue
+        out.append(re.sub(r" @(.)@ ", r"\1", line).replace(" <unk>", ""))
+        if len(out) >= lines:
+            break
+    dst.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return dst
