@@ -200,7 +200,7 @@ def push(path, fact_file, dry_run: bool = False, log=_quiet, wait: bool = True,
 def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushReport:
     records = tx.records
     t = time.perf_counter()
-    session = Session.open(store, log=log, records=records)
+    session = Session.open(store, log=log, records=records, keep_sums=True)
     verify(session.current(), expected_fingerprints(store, records), "weights at head")
     policy = session.policy.with_overrides(**overrides) if overrides else session.policy
     timings = {"load": time.perf_counter() - t}
@@ -230,8 +230,7 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
     timings.update(edit.timings)
     # compute_edit added each Δ to the rounded head; the new head is base + every Δ rounded
     # once, the floats a rollback to this batch computes (and the fingerprint records)
-    session.apply(head_weights(store, records, policy,
-                               extra={l: (A.cpu(), B.cpu()) for l, (A, B) in edit.factors.items()}))
+    session.apply(session.with_edit(edit.factors))
 
     t = time.perf_counter()
     scores = score_facts(session.model, session.tok, ff.facts, base_preds)

@@ -1,7 +1,7 @@
 """A loaded model bound to a store: base identity checked, head weights applied.
 
-Weights of the edited matrices are always computed by `weights.materialize` from the
-base copy the store keeps and the Δ factors of the active batches, and checked against
+Weights of the edited matrices are always `weights.materialize`'s sum (float64, rounded
+once) of the base copy the store keeps and the Δ factors of the active batches, checked against
 the fingerprints recorded at push time: a mismatch is an error, never a warning.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .errors import FingerprintMismatch
 from .models import ModelSource, load_model
 from .policy import Policy, policy_from_json
 from .store import Store
-from .weights import fingerprint, get_module, materialize, module_name, read_matrix, write_matrix
+from .weights import fingerprint, float64_sum, get_module, module_name, read_matrix, write_matrix
 
 
 def layer_key(layer: int, what: str) -> str:
@@ -35,17 +35,18 @@ def active_factors(store: Store, records, policy: Policy) -> dict[int, list[tupl
     return factors
 
 
-def head_weights(store: Store, records, policy: Policy, extra=None) -> dict[int, torch.Tensor]:
-    """Edited matrices at the head of `records`, from the store alone (no model needed).
-
-    extra: per layer one more (A, B) after the active batches: a push's own edit, not yet
-    stored, so that its weights are computed exactly as a later rollback to it will.
-    """
+def head_sums(store: Store, records, policy: Policy) -> dict[int, torch.Tensor]:
+    """Per edited layer base + ΣAB of the active batches of `records` in float64: `materialize`'s
+    sum before its rounding, which a push extends by its own Δ (`Session.with_edit`)."""
     base = store.base_arrays([layer_key(l, "W") for l in policy.layers])
     factors = active_factors(store, records, policy)
-    for l, ab in (extra or {}).items():
-        factors[l].append(ab)
-    return {l: materialize(torch.from_numpy(base[layer_key(l, "W")]), factors[l]) for l in policy.layers}
+    return {l: float64_sum(torch.from_numpy(base[layer_key(l, "W")]), factors[l]) for l in policy.layers}
+
+
+def head_weights(store: Store, records, policy: Policy) -> dict[int, torch.Tensor]:
+    """Edited matrices at the head of `records`, from the store alone (no model needed):
+    `materialize`'s float64 sums rounded to fp32 once."""
+    return {l: w.to(torch.float32) for l, w in head_sums(store, records, policy).items()}
 
 
 def expected_fingerprints(store: Store, records) -> dict[str, str]:
@@ -74,18 +75,28 @@ class Session:
     model: torch.nn.Module
     tok: object
     contexts: list[str]
+    head64: dict[int, torch.Tensor] | None = None  # the head's float64 sums, kept for a push
 
     @classmethod
-    def open(cls, store: Store, log=print, records=None) -> "Session":
-        """Load the store's base model, check it is the same model, apply the head."""
+    def open(cls, store: Store, log=print, records=None, keep_sums: bool = False) -> "Session":
+        """Load the store's base model, check it is the same model, apply the head.
+        keep_sums: keep the head's float64 sums (d_out × d_in per layer) for `with_edit`."""
         policy = policy_from_json(store.policy_json)
         source = ModelSource(**store.model["source"])
         model, tok = load_model(source, log=log)
         session = cls(store, policy, model, tok, list(store.info["contexts"]))
         base = {l: read_matrix(session.module(l)) for l in policy.layers}
         verify(base, store.base_fingerprint, f"model {source.name!r} is not the store's base model")
-        session.apply(head_weights(store, records if records is not None else store.records, policy))
+        sums = head_sums(store, records if records is not None else store.records, policy)
+        session.apply({l: w.to(torch.float32) for l, w in sums.items()})   # = head_weights
+        session.head64 = sums if keep_sums else None
         return session
+
+    def with_edit(self, factors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """The head plus one more Δ = A·B per layer, rounded once: the same floats as
+        `materialize` of the base with every active Δ and this one, which a later rollback
+        to this edit computes, without reading the history again."""
+        return {l: float64_sum(self.head64[l], [factors[l]]).to(torch.float32) for l in self.policy.layers}
 
     def module(self, layer: int):
         return get_module(self.model, module_name(self.policy.module_template, layer))
