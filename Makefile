@@ -28,6 +28,7 @@ test-slow: setup
 
 bench: setup
 	$(PY) bench/push_speed.py --facts 10 --out bench/reports/push_speed.md
+	$(PY) bench/push_speed.py --facts 10 --corpus-tokens 20000 --prefix-tokens 5 --out bench/reports/push_speed_prefix5.md
 	$(PY) bench/store_scale.py --edits 10000 --batch 50 --out bench/reports/store_scale.md
 	$(PY) bench/peft_match.py --out bench/reports/peft_match.md
 

@@ -41,6 +41,7 @@ import torch
 
 from .alignment import AlignmentTerm
 from .facts import Fact
+from .lean_llama import lean_layers, run_lean
 from .prompts import Row, pad_rows, target_index
 from .trace import _hidden, _Stop
 from .values import GroupRows, ValueResult, _Abort, optimize_value, run_steps
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 # largest |Δ log p| allowed between the fast and the ordinary forward at δ = 0
 _CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-6}
 _CHECK_TOL_LOW = 5e-2  # half precisions
+# run the steps' layers through lean_llama where the layers are plainly Llama's
+LEAN = True
 # most token slots per packed chunk (unless a segment is longer): each slot attends to all
 # of its chunk's prefix columns, masked or not
 CHUNK = 32
@@ -334,6 +337,7 @@ class _FastForward:
             self.h_norm = float(self.hL[0, subj[0]].float().norm())
             self.h_at_subject = self.hL[self.table, subj].float()            # (n, d)
             self.kv = self._prefix_after_L(k, stem_of, stem_kv)
+        self.lean = lean_layers(model, arch.layers, L + 1, n_layers) if LEAN and arch.kind == "rope" else None
         self._pack()
 
     def _reference(self, model, ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -421,7 +425,10 @@ class _FastForward:
         delta = delta.expand(self.n_rows, d) if delta.dim() == 1 else delta
         add = torch.zeros(c * C, d, dtype=delta.dtype, device=delta.device).index_add(0, p.first, delta)
         h = (p.h + add.view(c, C, d)).to(p.h.dtype)                          # δ at each row's s
-        h = a.run(h, a.L + 1, len(a.layers), p.mask, p.position_ids, p.pe, p.kv)
+        if self.lean is not None:
+            h = run_lean(self.lean, h, a.L + 1, len(a.layers), p.mask, p.pe, p.kv.kv)
+        else:
+            h = a.run(h, a.L + 1, len(a.layers), p.mask, p.position_ids, p.pe, p.kv)
         # final norm and LM head only at the scored positions, in one product (the head's
         # weights are read once per step): target positions, then the essence rows' last
         logp = torch.log_softmax(self.lm_head(a.norm(h.reshape(c * C, d)[p.scored])).float(), dim=-1)
