@@ -46,11 +46,13 @@ VARIANTS = {  # name -> (label, push-time policy overrides[, init-time policy ov
     "full_lr05": ("full, lr 0.5, weight decay 0.5", {"align": True, "lr": 0.5, "weight_decay": 0.5}),
     "full_t5e3": ("full, null-space threshold 5e-3, corpus 100k tokens",
                   {"align": True}, {"nullspace_threshold": 5e-3, "corpus_tokens": 100_000}),
+    "combo": ("alignment off, α 10, lr 0.5, weight decay 0.5", {"align": False, "alpha": 10.0, "lr": 0.5,
+                                                                 "weight_decay": 0.5}),
     "full_c100k": ("full, corpus 100k tokens", {"align": True}, {"corpus_tokens": 100_000}),
 }
 SCENARIO_VARIANTS = {
     "counterfact": ["full", "no_align", "no_merge", "no_project", "alphaedit", "shipped"],
-    "tuning": ["full_alpha10", "full_clamp075", "full_lr05", "full_t5e3", "full_c100k"],
+    "tuning": ["full_alpha10", "full_clamp075", "full_lr05", "full_t5e3", "full_c100k", "combo"],
     "same_subject": ["full", "no_merge", "shipped"],
     "supersession": ["full", "shipped"],
 }

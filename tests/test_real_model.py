@@ -140,6 +140,25 @@ def neighbor_unchanged(base, edited, tok, rows: list[dict]) -> tuple[int, int]:
     return sum(x == y for x, y in zip(a, b)), len(nrows)
 
 
+def peft_vs_merged(store: Path, tmp: Path, prompts: list[str]) -> None:
+    """The PEFT adapter over the plain base against the merged export at head, both loaded
+    with plain transformers/peft in float64, so that the exports are compared and not the
+    fp32 forward's own rounding (bench/reports/peft_match.md has both)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta = api.export(store, tmp / "adapter", format="peft")
+    tok = AutoTokenizer.from_pretrained(tmp / "head")
+    merged = AutoModelForCausalLM.from_pretrained(tmp / "head", dtype=torch.float64).eval()
+    base = AutoModelForCausalLM.from_pretrained(meta["base_model"], dtype=torch.float64)
+    adapted = PeftModel.from_pretrained(base, tmp / "adapter").to(torch.float64).eval()
+    with torch.no_grad():
+        diff = max(float((merged(**tok(p, return_tensors="pt")).logits
+                          - adapted(**tok(p, return_tensors="pt")).logits).abs().max()) for p in prompts)
+    print("PEFT_VS_MERGED", diff)
+    assert diff <= 1e-4, diff
+
+
 def test_thirty_facts_in_three_batches(tmp_path_factory):
     """The foundation's acceptance run: 3 × 10 unknown CounterFact facts, measured on exports."""
     from lifelong.facts import Fact
@@ -165,6 +184,7 @@ def test_thirty_facts_in_three_batches(tmp_path_factory):
     print("ACCEPTANCE", json.dumps(report))
     assert report["efficacy"] >= 0.9, report
     assert report["neighbors_unchanged"] >= 0.85, report
+    peft_vs_merged(store, tmp, [f.render() for f in facts[:8]] + ["The weather in London was cold and wet."])
 
     api.rollback(store, 1)
     api.export(store, tmp / "again1")
