@@ -48,11 +48,13 @@ VARIANTS = {  # name -> (label, push-time policy overrides[, init-time policy ov
                   {"align": True}, {"nullspace_threshold": 5e-3, "corpus_tokens": 100_000}),
     "combo": ("alignment off, α 10, lr 0.5, weight decay 0.5", {"align": False, "alpha": 10.0, "lr": 0.5,
                                                                  "weight_decay": 0.5}),
+    "preserve2000": ("alignment off, λ_p 2000 (P·C₀ in the solve)", {"align": False, "preserve_weight": 2000.0}),
+    "preserve500": ("alignment off, λ_p 500 (P·C₀ in the solve)", {"align": False, "preserve_weight": 500.0}),
     "full_c100k": ("full, corpus 100k tokens", {"align": True}, {"corpus_tokens": 100_000}),
 }
 SCENARIO_VARIANTS = {
     "counterfact": ["full", "no_align", "no_merge", "no_project", "alphaedit", "shipped"],
-    "tuning": ["full_alpha10", "full_clamp075", "full_lr05", "full_t5e3", "full_c100k", "combo"],
+    "tuning": ["full_alpha10", "full_clamp075", "full_lr05", "full_t5e3", "full_c100k", "combo", "preserve2000", "preserve500"],
     "same_subject": ["full", "no_merge", "shipped"],
     "supersession": ["full", "shipped"],
 }

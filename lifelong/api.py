@@ -149,7 +149,9 @@ def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device
                d_model: int) -> tuple[dict, ResidualBank]:
     """Per layer P, C₀ and K_pK_pᵀ over the live groups, and their residual bank."""
     need = "P" if policy.project else "mom2"  # each 9 MB+ per layer: load only what the update uses
-    base = store.base_arrays([layer_key(l, need) for l in policy.layers])
+    mom2 = not policy.project or policy.preserve_weight > 0
+    base = store.base_arrays([layer_key(l, x) for l in policy.layers
+                              for x in ((["P"] if policy.project else []) + (["mom2"] if mom2 else []))])
     by_batch: dict[int, list[int]] = {}
     for b, g in live:
         by_batch.setdefault(b, []).append(g)
@@ -171,7 +173,7 @@ def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device
             KpKpT = (Kp.t() @ Kp).to(torch.float64)                          # fp32 BLAS: 2× faster
         ctx[l] = LayerContext(
             P=torch.from_numpy(base[layer_key(l, "P")]).to(device) if policy.project else None,
-            mom2=None if policy.project else torch.from_numpy(base[layer_key(l, "mom2")]).to(device),
+            mom2=torch.from_numpy(base[layer_key(l, "mom2")]).to(device) if mom2 else None,
             KpKpT=KpKpT if policy.project else None,
         )
     bank = ResidualBank.empty(base[layer_key(policy.layers[-1], need)].shape[0], d_model)

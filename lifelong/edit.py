@@ -36,7 +36,7 @@ class LayerContext:
     """What the update at one layer needs besides this batch."""
 
     P: torch.Tensor | None          # (d_in, d_in) projector (None: projection off)
-    mom2: torch.Tensor | None       # (d_in, d_in) E[kkᵀ], for the MEMIT update
+    mom2: torch.Tensor | None       # (d_in, d_in) E[kkᵀ]: MEMIT update, or projected with preserve_weight
     KpKpT: torch.Tensor | None      # (d_in, d_in) Σ k kᵀ over live earlier groups
 
 
@@ -104,7 +104,7 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
         R = (z - cur).t() / (len(layers) - i)                         # (d_model, n)
         ctx = layer_ctx[layer]
         if ctx.P is not None:
-            A, B = projected_update(R, K.t(), ctx.P, ctx.KpKpT, policy.alpha)
+            A, B = projected_update(R, K.t(), ctx.P, ctx.KpKpT, policy.alpha, ctx.mom2, policy.preserve_weight)
         else:
             A, B = memit_update(R, K.t(), ctx.mom2, policy.mom2_weight)
         check_finite(f"update of layer {layer}", A)

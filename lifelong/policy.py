@@ -206,6 +206,13 @@ class Policy(BaseModel):
         description="λ of the MEMIT-style update (used when project is off): weight of the mean "
         "second moment E[kkᵀ] of preserved keys (dimensionless; multiplies a mean, not a sum).",
     )
+    preserve_weight: float = Field(
+        0.0,
+        ge=0,
+        description="λ_p of the projected update (project on): adds λ_p·P·E[kkᵀ] to the solve, "
+        "penalising what the null space still holds of the preserved keys' energy (on a model "
+        "without a true null space); 0 = AlphaEdit as published.",
+    )
     alpha: float = Field(
         10.0,
         gt=0,

@@ -2,7 +2,8 @@
 
 AlphaEdit (seed 002): Δᵀ = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K Rᵀ, which equals
 argmin over X = XP of ‖XK − R‖² + ‖XK_p‖² + α‖X‖²: keys in C₀'s dominant directions
-(P k ≈ 0) keep their outputs, and earlier edits' keys K_p are held in place.
+(P k ≈ 0) keep their outputs, and earlier edits' keys K_p are held in place. The policy's
+preserve_weight λ_p adds λ_p·P·C₀ (0: as published).
 MEMIT (projection off): Δ = R Kᵀ (λC₀ + KKᵀ)⁻¹.
 Both have rank ≤ n (the batch's group count): A = R (d_out, n), B (n, d_in).
 """
@@ -14,8 +15,13 @@ from .errors import EditFailed
 
 
 def projected_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
-                     KpKpT: torch.Tensor | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """AlphaEdit factors. R: (d_out, n) residuals, K: (d_in, n) keys, P: (d_in, d_in)."""
+                     KpKpT: torch.Tensor | None, alpha: float,
+                     mom2: torch.Tensor | None = None, preserve: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit factors. R: (d_out, n) residuals, K: (d_in, n) keys, P: (d_in, d_in).
+
+    With preserve > 0, P(KKᵀ + K_pK_pᵀ + preserve·C₀) in the solve: the objective gains
+    preserve·tr(Δ C₀ Δᵀ), the preserved keys' output change that P leaves when C₀ has
+    no true null space."""
     dev = P.device  # the stored statistics' device decides where the solve runs
     K64, P64 = K.to(dev, torch.float64), P.to(torch.float64)
     d_in = K64.shape[0]
@@ -23,6 +29,8 @@ def projected_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
     M = PK @ K64.t() + alpha * torch.eye(d_in, dtype=torch.float64, device=dev)   # P KKᵀ: rank n
     if KpKpT is not None:
         M = M + P64 @ KpKpT.to(dev, torch.float64)
+    if preserve > 0:
+        M = M + preserve * (P64 @ mom2.to(dev, torch.float64))
     X = _solve(M, PK)                                                # (d_in, n)
     return R.to(torch.float32).clone(), X.t().to(torch.float32).contiguous()
 

@@ -65,6 +65,37 @@ def test_projected_update_equals_brute_force_least_squares():
     assert proj.kept == U2.shape[1]
 
 
+def test_preserve_term_equals_brute_force_and_lowers_leak():
+    """λ_p·P·C₀ in the solve = C₀'s square root as extra held keys; where the "null space"
+    still holds preserved energy, it shrinks the preserved keys' output change."""
+    g = torch.Generator().manual_seed(5)
+    basis = torch.linalg.qr(torch.randn(D_IN, D_IN, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.logspace(1, -4, D_IN, dtype=torch.float64)         # no true null space
+    K0 = torch.randn(2000, D_IN, generator=g, dtype=torch.float64) * spectrum.sqrt() @ basis.t()
+    mom2 = K0.t() @ K0 / K0.shape[0]
+    evals, evecs = torch.linalg.eigh(mom2)
+    U2 = evecs[:, evals < 1e-2]                                         # kept dims still hold energy
+    P = U2 @ U2.t()
+    K = torch.randn(D_IN, 4, generator=g, dtype=torch.float64)
+    Kp = torch.randn(D_IN, 3, generator=g, dtype=torch.float64)
+    R = torch.randn(D_OUT, 4, generator=g, dtype=torch.float64)
+    alpha, lam = 0.3, 50.0
+    A, B = projected_update(R, K, P, Kp @ Kp.t(), alpha, mom2, lam)
+    closed = A.double() @ B.double()
+    root = evecs * evals.clamp(min=0).sqrt()                            # root rootᵀ = C₀
+    lhs = torch.cat([U2.t() @ K, U2.t() @ Kp, lam**0.5 * U2.t() @ root,
+                     alpha**0.5 * torch.eye(U2.shape[1], dtype=torch.float64)], 1)
+    rhs = torch.cat([R, torch.zeros(D_OUT, lhs.shape[1] - 4, dtype=torch.float64)], 1)
+    brute = torch.linalg.lstsq(lhs.t(), rhs.t()).solution.t() @ U2.t()
+    assert torch.allclose(closed, brute, atol=1e-5), (closed - brute).abs().max()
+
+    A0, B0 = projected_update(R, K, P, Kp @ Kp.t(), alpha)
+    Az, Bz = projected_update(R, K, P, Kp @ Kp.t(), alpha, mom2, 0.0)
+    assert torch.equal(A0, Az) and torch.equal(B0, Bz)                  # λ_p = 0: AlphaEdit as it was
+    leak = lambda d: float(torch.trace(d @ mom2 @ d.t()))               # E‖Δk₀‖² over preserved keys
+    assert leak(closed) < 0.8 * leak(A0.double() @ B0.double())
+
+
 def test_kp_term_keeps_earlier_edits():
     _, mom2 = _preserved()
     P = projector(mom2, threshold=1e-3).P
