@@ -109,9 +109,10 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
 
 
 def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_module: str,
-                   policy, align: AlignmentTerm | None, seed: int = 0) -> ValueResult:
+                   policy, align: AlignmentTerm | None, seed: int = 0, full_logits: bool = True) -> ValueResult:
     """Optimize one group's δ with the authors' loop: every row, every layer and every
-    position's logits at every step."""
+    position's logits at every step. With full_logits=False, the LM head runs only where
+    targets are scored (the same δ, for the models the fast loops do not know)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     g = GroupRows.build(tok, facts, contexts)
@@ -133,7 +134,17 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
     tok_per_row = ids.shape[1]
     n_layers = model.config.num_hidden_layers
 
+    head = model.get_output_embeddings()
+
+    def scored_only() -> tuple[torch.Tensor, torch.Tensor]:
+        with hooks(model, hook):
+            h = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logp = torch.log_softmax(head(torch.cat([h[r_idx, p_idx], h[ess, ess_pos][None]])).float(), dim=-1)
+        return logp[:-1].gather(1, t_idx[:, None])[:, 0], logp[-1]
+
     def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        if not full_logits:
+            return scored_only()
         with hooks(model, hook):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits   # (n, T, vocab)
         logp = torch.log_softmax(logits.float(), dim=-1)                                # (n, T, vocab)

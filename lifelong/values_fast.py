@@ -450,14 +450,16 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
     arch = _recognise(model, layer_module)
     if isinstance(arch, str):
         log.warning("fast value optimization unavailable (%s): using the straightforward loop", arch)
-        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed)
+        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed,
+                              full_logits=False)
     device = next(model.parameters()).device
     g = GroupRows.build(tok, facts, contexts)
     try:
         fwd = _FastForward(model, arch, g, tok.pad_token_id, checked=len(g.rows))
     except (_Unsupported, AttributeError, IndexError) as e:
         log.warning("fast value optimization unavailable (%s): using the straightforward loop", e)
-        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed)
+        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed,
+                              full_logits=False)
 
     fact_rows, r_idx, n_ctx = fwd.fact_rows, fwd.r_idx, len(contexts)
     torch.manual_seed(seed)
@@ -476,7 +478,8 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
         steps, nll_start, nll_val = run_steps(lambda: fwd(delta), delta, opt, fwd.n_rows, r_idx, fact_rows,
                                               n_ctx, None, fwd.h_norm, policy, align, check_first=check)
     except _Abort:
-        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed)
+        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed,
+                              full_logits=False)
     return ValueResult(
         delta=delta.detach().clone(), h_norm=fwd.h_norm, steps=steps, nll=nll_val,
         nll_start=nll_start, seconds=time.perf_counter() - t0,

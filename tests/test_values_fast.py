@@ -151,3 +151,14 @@ def test_eager_attention_and_last_layer(tiny):
     fast = optimize_value_fast(model, tok, ONE, CONTEXTS, last, pol, None, seed=0)
     assert fast.token_layer_passes == 0
     assert rel(fast.delta, slow.delta) < 1e-4
+
+
+def test_fallback_loop_scores_only_targets_and_matches(tiny):
+    """The loop the fast path falls back to runs the LM head only at scored positions: same δ."""
+    arch, model, tok = tiny
+    pol = policy(arch, steps=6, early_stop_loss=0.0)
+    full = optimize_value(model, tok, SAME_SUBJECT, CONTEXTS, LAYER[arch], pol, None, seed=1)
+    lean = optimize_value(model, tok, SAME_SUBJECT, CONTEXTS, LAYER[arch], pol, None, seed=1, full_logits=False)
+    assert full.steps == lean.steps == 6
+    assert rel(lean.delta, full.delta) < 1e-5
+    assert lean.nll == pytest.approx(full.nll, rel=1e-5, abs=1e-7)
