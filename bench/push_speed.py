@@ -153,7 +153,8 @@ def write_report(out: Path, res: dict, argv) -> None:
         "LM head only where targets are scored. Both edits share everything else (keys, MEMIT spreading, "
         "the closed-form solve), so the whole-edit ratio credits only the value loop. A token-layer pass is "
         "one token through one decoder layer in a forward (the backward of both loops covers only the "
-        "layers after L).",
+        "layers after L). lifelong's count is the floor itself: every position from each row's last subject "
+        "token on, through every layer after L, nothing else.",
         "",
         "The ratio depends on the contexts: the straightforward loop runs every prefix token through every "
         "layer at every step, lifelong's computes them once per push. With the bare prompt and 5 prefixes of "
