@@ -393,7 +393,7 @@ def write_report(out: Path, work: Path, runs, args, argv) -> None:
                 lines.append(f"| {VARIANTS[v][0]} | {_fmt(s.get('newest_wins'))} | "
                              f"{_fmt(s.get('first_value_gone'))} | {_fmt(s.get('other_facts_hold'))} |")
             lines.append("")
-        png = plot(scenario, rs, out.parent)
+        png = plot(scenario, rs, out.parent, out.stem)
         if png:
             lines += [f"![{scenario}]({png.name})", ""]
         lines += ["<details><summary>per batch</summary>", "",
@@ -410,7 +410,7 @@ def write_report(out: Path, work: Path, runs, args, argv) -> None:
     print(out.read_text())
 
 
-def plot(scenario: str, rs: dict, folder: Path) -> Path | None:
+def plot(scenario: str, rs: dict, folder: Path, stem: str = "quality") -> Path | None:
     try:
         import matplotlib
 
@@ -433,7 +433,7 @@ def plot(scenario: str, rs: dict, folder: Path) -> Path | None:
     axes.flat[-1].axis("off")
     fig.suptitle(f"{scenario}: metrics vs number of edits")
     fig.tight_layout()
-    png = folder / f"quality_{scenario}.png"
+    png = folder / f"{stem}_{scenario}.png"
     fig.savefig(png, dpi=80)
     plt.close(fig)
     return png
