@@ -148,10 +148,10 @@ class _DryRun(Exception):
 def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device,
                d_model: int) -> tuple[dict, ResidualBank]:
     """Per layer P, C₀ and K_pK_pᵀ over the live groups, and their residual bank."""
-    need = "P" if policy.project else "mom2"  # each 9 MB+ per layer: load only what the update uses
+    # each 9 MB+ per layer: load only what the update uses
     mom2 = not policy.project or policy.preserve_weight > 0
-    base = store.base_arrays([layer_key(l, x) for l in policy.layers
-                              for x in ((["P"] if policy.project else []) + (["mom2"] if mom2 else []))])
+    need = (["P"] if policy.project else []) + (["mom2"] if mom2 else [])
+    base = store.base_arrays([layer_key(l, x) for l in policy.layers for x in need])
     by_batch: dict[int, list[int]] = {}
     for b, g in live:
         by_batch.setdefault(b, []).append(g)
@@ -176,7 +176,7 @@ def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device
             mom2=torch.from_numpy(base[layer_key(l, "mom2")]).to(device) if mom2 else None,
             KpKpT=KpKpT if policy.project else None,
         )
-    bank = ResidualBank.empty(base[layer_key(policy.layers[-1], need)].shape[0], d_model)
+    bank = ResidualBank.empty(base[layer_key(policy.layers[-1], need[0])].shape[0], d_model)
     if bank_k:
         bank.extend(torch.from_numpy(np.concatenate(bank_k)), torch.from_numpy(np.concatenate(bank_d)), refs)
     return ctx, bank

@@ -63,6 +63,15 @@ class GroupRows:
         return cls(rows, owner, len(facts))
 
 
+def scored_logp(head, hidden: torch.Tensor, t_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head in one product over hidden (n_tgt + n_ess, d): the first len(t_idx) rows
+    are target positions, the rest essence rows. Returns (log-prob of each target token
+    (n_tgt,), the essence rows' log-probs (n_ess, vocab))."""
+    logp = torch.log_softmax(head(hidden).float(), dim=-1)
+    n = len(t_idx)
+    return logp[:n].gather(1, t_idx[:, None])[:, 0], logp[n:]
+
+
 class _Abort(Exception):
     """Raised by a first-step check to give up on a loop (the caller falls back)."""
 
@@ -139,8 +148,8 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
     def scored_only() -> tuple[torch.Tensor, torch.Tensor]:
         with hooks(model, hook):
             h = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        logp = torch.log_softmax(head(torch.cat([h[r_idx, p_idx], h[ess, ess_pos][None]])).float(), dim=-1)
-        return logp[:-1].gather(1, t_idx[:, None])[:, 0], logp[-1]
+        tok_logp, ess_logp = scored_logp(head, torch.cat([h[r_idx, p_idx], h[ess, ess_pos][None]]), t_idx)
+        return tok_logp, ess_logp[0]
 
     def forward() -> tuple[torch.Tensor, torch.Tensor]:
         if not full_logits:

@@ -44,7 +44,7 @@ from .facts import Fact
 from .lean_llama import lean_layers, run_lean
 from .prompts import Row, pad_rows, target_index
 from .trace import _hidden, _Stop
-from .values import GroupRows, ValueResult, _Abort, optimize_value, run_steps
+from .values import GroupRows, ValueResult, _Abort, optimize_value, run_steps, scored_logp
 
 log = logging.getLogger(__name__)
 
@@ -347,10 +347,7 @@ class _FastForward:
         self.ref_t, self.ref_e = self.r_idx < n, self.ess_rows < n
         at = torch.cat([h[self.r_idx[self.ref_t], self.p_idx[self.ref_t]],
                         h[self.ess_rows[self.ref_e], self.ess_pos[self.ref_e]]])
-        logp = torch.log_softmax(self.lm_head(at).float(), dim=-1)
-        n_t = int(self.ref_t.sum())
-        self.ref_tok_logp = logp[:n_t].gather(1, self.t_idx[self.ref_t][:, None])[:, 0]
-        self.ref_ess_logp = logp[n_t:]
+        self.ref_tok_logp, self.ref_ess_logp = scored_logp(self.lm_head, at, self.t_idx[self.ref_t])
 
     def _prefix_after_L(self, k, stem_of, stem_kv) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Keys/values of the layers after L at [0, s) of every row (n, kv_heads, max s, hd):
@@ -431,8 +428,7 @@ class _FastForward:
             h = a.run(h, a.L + 1, len(a.layers), p.mask, p.position_ids, p.pe, p.kv)
         # final norm and LM head only at the scored positions, in one product (the head's
         # weights are read once per step): target positions, then the essence rows' last
-        logp = torch.log_softmax(self.lm_head(a.norm(h.reshape(c * C, d)[p.scored])).float(), dim=-1)
-        return logp[: self.n_tgt].gather(1, self.t_idx[:, None])[:, 0], logp[self.n_tgt:]
+        return scored_logp(self.lm_head, a.norm(h.reshape(c * C, d)[p.scored]), self.t_idx)
 
 
 class _Unsupported(Exception):
@@ -447,19 +443,21 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
     `optimize_value` (logging why) when the model's structure is not recognised.
     """
     t0 = time.perf_counter()
+
+    def fallback() -> ValueResult:  # the whole model per step, LM head only where scored: the same δ
+        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed, full_logits=False)
+
     arch = _recognise(model, layer_module)
     if isinstance(arch, str):
         log.warning("fast value optimization unavailable (%s): using the straightforward loop", arch)
-        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed,
-                              full_logits=False)
+        return fallback()
     device = next(model.parameters()).device
     g = GroupRows.build(tok, facts, contexts)
     try:
         fwd = _FastForward(model, arch, g, tok.pad_token_id, checked=len(g.rows))
     except (_Unsupported, AttributeError, IndexError) as e:
         log.warning("fast value optimization unavailable (%s): using the straightforward loop", e)
-        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed,
-                              full_logits=False)
+        return fallback()
 
     fact_rows, r_idx, n_ctx = fwd.fact_rows, fwd.r_idx, len(contexts)
     torch.manual_seed(seed)
@@ -478,8 +476,7 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
         steps, nll_start, nll_val = run_steps(lambda: fwd(delta), delta, opt, fwd.n_rows, r_idx, fact_rows,
                                               n_ctx, None, fwd.h_norm, policy, align, check_first=check)
     except _Abort:
-        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed,
-                              full_logits=False)
+        return fallback()
     return ValueResult(
         delta=delta.detach().clone(), h_norm=fwd.h_norm, steps=steps, nll=nll_val,
         nll_start=nll_start, seconds=time.perf_counter() - t0,

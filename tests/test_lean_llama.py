@@ -77,3 +77,19 @@ def test_value_loop_uses_lean_and_matches_modules(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(values_fast, "LEAN", False)
     modules = values_fast.optimize_value_fast(model, tok, facts, contexts, "model.layers.1", pol, None, seed=2)
     assert float((lean.delta - modules.delta).norm() / modules.delta.norm()) < 1e-5
+
+
+def test_fused_weights_are_reused_until_a_weight_changes():
+    from lifelong.weights import read_matrix, write_matrix
+
+    model = _tiny("llama")
+    layers = model.model.layers
+    first = lean_layers(model, layers, 1, 3)
+    again = lean_layers(model, layers, 1, 3)
+    assert again[1] is first[1] and again[2] is first[2]            # not concatenated again
+    w = read_matrix(layers[2].mlp.up_proj)
+    write_matrix(layers[2].mlp.up_proj, w + 1.0)
+    after = lean_layers(model, layers, 1, 3)
+    assert after[1] is first[1] and after[2] is not first[2]
+    ff = layers[2].mlp.up_proj.out_features
+    torch.testing.assert_close(after[2].gate_up[ff:], w + 1.0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +16,11 @@ import torch
 from lifelong import api, history
 from lifelong.store import Store
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from benchdata import plain_wikitext  # noqa: E402  the benchmarks' WikiText cleaner
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEV = DATA / "counterfact" / "counterfact_dev_3000.jsonl"
-WIKI = DATA / "corpus" / "wikitext2_valid.txt"
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,21 +35,6 @@ def _threads():
     torch.set_num_threads(os.cpu_count() or 2)
     yield
     torch.set_num_threads(before)
-
-
-def clean_wikitext(src: Path, dst: Path, max_lines: int = 3000) -> Path:
-    """WikiText-2 in its tokenised form, made plain: ' @-@ ' -> '-', no '<unk>' lines, no headings."""
-    out = []
-    for line in src.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("=") or "<unk>" in line:
-            continue
-        line = re.sub(r" @(.)@ ", r"\1", line)
-        out.append(line)
-        if len(out) >= max_lines:
-            break
-    dst.write_text("\n".join(out) + "\n", encoding="utf-8")
-    return dst
 
 
 def load_model_plain(directory: Path):
@@ -94,7 +81,7 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def real_store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real")
-    corpus = clean_wikitext(WIKI, tmp / "corpus.txt")
+    corpus = plain_wikitext(tmp / "corpus.txt", lines=3000, drop_unk_lines=True)
     path = tmp / "store.h5"
     api.init(path, model="smollm2-135m", corpus=str(corpus))
     return path
@@ -167,7 +154,8 @@ def test_thirty_facts_in_three_batches(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("thirty")
     store = tmp / "store.h5"
-    api.init(store, model="smollm2-135m", corpus=str(clean_wikitext(WIKI, tmp / "corpus.txt")))
+    corpus = plain_wikitext(tmp / "corpus.txt", lines=3000, drop_unk_lines=True)
+    api.init(store, model="smollm2-135m", corpus=str(corpus))
     api.export(store, tmp / "base")
     base, tok = load_model_plain(tmp / "base")
     rows = unknown_facts(base, tok, 30, skip=100)
