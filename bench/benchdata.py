@@ -7,13 +7,15 @@ from pathlib import Path
 
 SHARED = Path(os.environ.get("LIFELONG_BENCH_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 WIKI = SHARED / "corpus" / "wikitext2_valid.txt"
+WIKI_TEST = SHARED / "corpus" / "wikitext2_test.txt"
 
 
-def plain_wikitext(dst: Path, lines: int, drop_unk_lines: bool = False) -> Path:
-    """The first `lines` WikiText-2 validation lines made plain for `init --corpus`: no headings,
-    ' @-@ ' -> '-', and each ' <unk>' removed (or, with drop_unk_lines, lines holding one skipped)."""
+def plain_wikitext(dst: Path, lines: int, drop_unk_lines: bool = False, src: Path = WIKI) -> Path:
+    """The first `lines` WikiText-2 lines of src (validation: `init --corpus`; test:
+    `init --heldout`, text C₀ never saw) made plain: no headings, ' @-@ ' -> '-', and each
+    ' <unk>' removed (or, with drop_unk_lines, lines holding one skipped)."""
     out = []
-    for line in WIKI.read_text(encoding="utf-8").splitlines():
+    for line in src.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if not line or line.startswith("=") or (drop_unk_lines and "<unk>" in line):
             continue

@@ -28,7 +28,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchdata import SHARED, plain_wikitext
+from benchdata import SHARED, WIKI_TEST, plain_wikitext
 
 DEV = SHARED / "counterfact" / "counterfact_dev_3000.jsonl"
 SAME = SHARED / "counterfact" / "counterfact_same_subject.jsonl"
@@ -156,7 +156,8 @@ def scenario_batches(scenario: str, args) -> tuple[list[list[dict]], dict]:
 
 def run_one(scenario: str, variant: str, work: Path, args) -> dict:
     """Push the scenario's batches one by one into a copy of the init store, evaluating after each."""
-    from lifelong import api
+    from lifelong import api, history
+    from lifelong.store import Store
 
     out = work / f"{scenario}-{variant}.json"
     store = work / f"{scenario}-{variant}.h5"
@@ -169,10 +170,8 @@ def run_one(scenario: str, variant: str, work: Path, args) -> dict:
         shutil.copy(init, store)
         shutil.copytree(f"{init}.d", f"{store}.d")
         done = {"scenario": scenario, "variant": variant, "device": device_name(), "overrides": push_overrides(variant),
-                "init_overrides": init_overrides(variant), "batches": [], **extra}
-    from lifelong import history
-    from lifelong.store import Store
-
+                "init_overrides": init_overrides(variant), "batches": [], **extra,
+                "heldout": Store.open(store).info.get("heldout_source", "model-sampled text")}
     last = done["batches"][-1]["batch_id"] if done["batches"] else 0
     if history.head(Store.open(store).records) != last:  # killed between a push and its evaluation
         api.rollback(store, to=last)                     # redo that batch
@@ -245,7 +244,8 @@ def ensure_init(work: Path, overrides: dict) -> None:
     for p in (staging, Path(f"{staging}.d"), Path(f"{staging}.lock")):
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     api.init(staging, model="smollm2-135m", policy=str(pol_file),
-             corpus=str(plain_wikitext(work / "corpus.txt", lines=20_000)), log=print)
+             corpus=str(plain_wikitext(work / "corpus.txt", lines=20_000)),
+             heldout=str(plain_wikitext(work / "heldout.txt", lines=400, src=WIKI_TEST)), log=print)
     os.replace(f"{staging}.d", work / f"{name}.h5.d")
     os.replace(staging, work / f"{name}.h5")
     (work / f"{name}.seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
@@ -344,13 +344,15 @@ def write_report(out: Path, work: Path, runs, args, argv) -> None:
     init_file = work / "init.seconds.txt"
     init_s = init_file.read_text().strip() if init_file.exists() else "?"
     devices = sorted({r.get("device") or device_name() for r in results.values()}) or [device_name()]
+    sources = sorted({r.get("heldout", "text sampled from the base model at `init`") for r in results.values()})
+    held = " / ".join(x.replace(f"file {work}/heldout.txt", "the first 400 lines of WikiText-2 test") for x in sources)
     how = (f"rebuilt from the per-batch results in `{work}` of runs made with the same settings"
            if args.report_only else "")
     lines = ["# Edit quality at lifelong scale (SmolLM2-135M)", "",
              f"`python bench/quality.py {' '.join(argv)}` {how} on {', '.join(devices)}; store `init` {init_s} s. "
              "Strict metrics (DESIGN §6) of every live fact after each batch; prefixed efficacy over "
              f"{args.prefixes} sampled 5-token prefixes; neighbors unchanged vs the base model; perplexity "
-             "drift on held-out text (sampled from the base model at `init`, never edited for); fluency = n-gram entropy of greedy continuations.", ""]
+             f"drift on held-out text ({held}, never edited for); fluency = n-gram entropy of greedy continuations.", ""]
     for scenario in dict.fromkeys(s for s, _ in runs):
         rs = {v: r for (s, v), r in results.items() if s == scenario and r["batches"]}
         if not rs:

@@ -31,9 +31,11 @@ from .session import Session, expected_fingerprints, head_weights, layer_key, ve
 from .stats import projector, second_moments
 from .store import Store
 from .weights import fingerprint, get_module, module_name, read_matrix
+from .values import reached_stop
 
 DEFAULT_STORE = Path("stores") / "default.h5"
-HELDOUT_SEQS, HELDOUT_LEN = 16, 64
+HELDOUT_SEQS, HELDOUT_LEN = 16, 64          # model-sampled held-out text
+HELDOUT_FILE_TOKENS = 4096                  # from a --heldout file, in SEQ_LEN chunks
 SEQ_LEN = 128
 
 
@@ -50,8 +52,10 @@ def _quiet(*_a, **_k) -> None:
 
 
 def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: str | None = None,
-         log=_quiet, progress=None, seed: int = 0) -> Store:
-    """Create a store: base identity + fingerprint, policy, and per edited layer C₀ and P."""
+         log=_quiet, progress=None, seed: int = 0, heldout: str | None = None) -> Store:
+    """Create a store: base identity + fingerprint, policy, and per edited layer C₀ and P.
+    heldout: a text file (as --corpus) whose perplexity `eval` and the refresh gates compare
+    with the base model's; without one the model samples that text itself."""
     path = Path(path)
     if path.exists():
         raise StoreExists(f"a store already exists at {path}", hint="pick another --store, or remove it yourself")
@@ -63,6 +67,11 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
     pol = load_policy(find_policy(policy))
     if corpus is not None:
         texts = read_corpus(corpus)  # bad corpus fails before the model loads
+    if heldout is not None:
+        heldout_texts = read_corpus(heldout)
+        if corpus is not None and Path(heldout).resolve() == Path(corpus).resolve():
+            log("warning: --heldout is the --corpus file; perplexity will be measured on text "
+                "the preserved statistics were computed from")
     source = resolve_model(model)
     t0 = time.perf_counter()
     net, tok = load_model(source, log=log)
@@ -99,14 +108,20 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
                            hint=f"raise the threshold above {float(proj.eigvals[0]):.3g} in the policy")
     contexts = context_templates(net, tok, pol.n_prefixes, pol.prefix_tokens, seed=seed + 1)
     eval_prefixes = _eval_prefixes(net, tok, seed + 3)
-    heldout = sample_sequences(net, tok, HELDOUT_SEQS, HELDOUT_LEN, seed=seed + 2)
+    if heldout is not None:
+        heldout_seqs = chunk_tokens(tok, heldout_texts, HELDOUT_FILE_TOKENS, SEQ_LEN)
+        heldout_desc = f"file {heldout}"
+    else:
+        heldout_seqs = sample_sequences(net, tok, HELDOUT_SEQS, HELDOUT_LEN, seed=seed + 2)
+        heldout_desc = "model-sampled text"
     info = {
         "contexts": contexts,
         "eval_prefixes": eval_prefixes,
         "corpus": corpus_desc,
         "corpus_tokens": counted,
         "layers": layer_info,
-        "heldout": heldout,
+        "heldout": heldout_seqs,
+        "heldout_source": heldout_desc,
         "init_seconds": round(time.perf_counter() - t0, 2),
     }
     model_info = {"source": source.to_dict(), "architecture": type(net).__name__,
@@ -242,7 +257,7 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
         if not s.efficacy:
             warnings.append(f"line {f.line}: {f.render()!r} does not yet give {f.target!r}")
     for g, v in zip(groups, edit.values):
-        if v.nll > max(1.0, 20 * policy.early_stop_loss):
+        if not reached_stop(v.nll, v.margin, policy) and v.nll > max(1.0, 20 * policy.early_stop_loss):
             warnings.append(f"group {g.subject!r}: optimization ended far from its target (NLL {v.nll:.2f})")
 
     t = time.perf_counter()

@@ -105,15 +105,18 @@ def main():
 @click.option("--policy", default=None, help="policy name or file [default: the model's name]")
 @click.option("--corpus", type=click.Path(dir_okay=False), default=None,
               help="preserved-knowledge text (plain text or JSONL with 'text') [default: model-sampled]")
+@click.option("--heldout", type=click.Path(dir_okay=False), default=None,
+              help="text to check perplexity on, kept apart from --corpus (plain text or JSONL with "
+                   "'text') [default: model-sampled]")
 @store_option
 @json_option
-def init(model, policy, corpus, store, as_json):
+def init(model, policy, corpus, heldout, store, as_json):
     """Create a store for a base model (refuses to overwrite one).
 
     Example: lifelong init --model smollm2-135m --store stores/prod.h5
     """
     path = _store_path(store)
-    s = _api().init(path, model=model, policy=policy, corpus=corpus, log=_log, progress=_progress_factory())
+    s = _api().init(path, model=model, policy=policy, corpus=corpus, heldout=heldout, log=_log, progress=_progress_factory())
     data = {"store": str(path), "info": {k: v for k, v in s.info.items() if k not in ("heldout",)}}
     _emit(data, as_json, lambda d: click.echo(f"created {d['store']}"))
 

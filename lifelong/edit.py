@@ -17,7 +17,7 @@ from .facts import Fact
 from .keys import BatchKeys
 from .trace import layer_name
 from .update import memit_update, projected_update
-from .values import ValueResult
+from .values import ValueResult, reached_stop
 from .values_batched import optimize_values_batched
 from .values_fast import optimize_value_fast
 from .weights import check_finite, get_module, materialize, module_name, read_matrix, write_matrix
@@ -77,7 +77,7 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
         for gi, (g, res) in enumerate(zip(groups, values)):
             bank.add(bank_keys[gi], res.delta, (-1, gi))
         log(f"values of {len(groups)} groups optimized jointly: "
-            f"{sum(v.nll < policy.early_stop_loss for v in values)} reached the early stop, "
+            f"{sum(reached_stop(v.nll, v.margin, policy) for v in values)} reached the early stop, "
             f"{sum(v.seconds for v in values):.1f}s")
     for gi, g in enumerate(groups if not values else []):
         term = None

@@ -164,6 +164,13 @@ class Policy(BaseModel):
         description="Stop optimizing once the target negative log-likelihood falls below this "
         "(nats per target, averaged over contexts).",
     )
+    stop_margin: float | None = Field(
+        None,
+        description="Also stop once every target token is the most probable token, by at least "
+        "this many nats over the runner-up, in every context (ENCORE's most-probable early "
+        "stopping, with a margin): the smallest δ that makes the edit hold, instead of "
+        "driving the NLL to early_stop_loss. None: off (MEMIT/AlphaEdit as published).",
+    )
 
     # EAMET alignment
     align: bool = Field(

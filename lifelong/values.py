@@ -37,6 +37,7 @@ class ValueResult:
     nll_start: float
     seconds: float
     token_layer_passes: int      # per step: rows × positions × layers recomputed
+    margin: float = float("nan")  # final min over targets of log p(target) − max log p(other token)
 
 
 @dataclass
@@ -63,13 +64,29 @@ class GroupRows:
         return cls(rows, owner, len(facts))
 
 
-def scored_logp(head, hidden: torch.Tensor, t_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_logp(logp: torch.Tensor, t_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scored position (rows of logp (n_tgt, vocab)): the target token's log-prob, and its
+    margin over the most probable other token (> 0: the target is the argmax; no gradient)."""
+    tok = logp.gather(1, t_idx[:, None])[:, 0]
+    with torch.no_grad():
+        other = logp.detach().scatter(1, t_idx[:, None], float("-inf")).amax(1)
+    return tok, tok.detach() - other
+
+
+def scored_logp(head, hidden: torch.Tensor, t_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The LM head in one product over hidden (n_tgt + n_ess, d): the first len(t_idx) rows
     are target positions, the rest essence rows. Returns (log-prob of each target token
-    (n_tgt,), the essence rows' log-probs (n_ess, vocab))."""
+    (n_tgt,), the essence rows' log-probs (n_ess, vocab), each target's margin (n_tgt,))."""
     logp = torch.log_softmax(head(hidden).float(), dim=-1)
     n = len(t_idx)
-    return logp[:n].gather(1, t_idx[:, None])[:, 0], logp[n:]
+    tok, margin = target_logp(logp[:n], t_idx)
+    return tok, logp[n:], margin
+
+
+def reached_stop(nll: float, margin: float, policy) -> bool:
+    """The early stop: the target NLL below early_stop_loss, or (with stop_margin set) every
+    target token the argmax by at least stop_margin nats in every context."""
+    return nll < policy.early_stop_loss or (policy.stop_margin is not None and margin >= policy.stop_margin)
 
 
 class _Abort(Exception):
@@ -81,15 +98,17 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
     """The value optimization loop shared by every forward implementation.
 
     forward() -> (log-prob of each scored target token (n_tgt,), essence log-probs (1, vocab)
-    or (vocab,)); per step: per-row mean NLL over target tokens, mean over contexts, summed
-    over facts; early stop on that NLL; then KL, weight decay, alignment, Adam, clamp.
+    or (vocab,), each target's margin (n_tgt,)); per step: per-row mean NLL over target
+    tokens, mean over contexts, summed over facts; early stop on that NLL or on the margins
+    (`reached_stop`); then KL, weight decay, alignment, Adam, clamp.
     ess_init: the unedited essence log-probs, or None to read them off step 0 (δ = 0).
-    Returns (steps taken, first NLL, last NLL). check_first(tok_logp, ess_logp) may raise _Abort.
+    Returns (steps taken, first NLL, last NLL, last min margin). check_first(tok_logp,
+    ess_logp) may raise _Abort.
     """
     device = delta.device
-    nll_start, steps, nll_val = None, 0, float("nan")
+    nll_start, steps, nll_val, margin_val = None, 0, float("nan"), float("nan")
     for step in range(policy.steps):
-        tok_logp, ess_logp = forward()
+        tok_logp, ess_logp, margin = forward()
         if step == 0 and check_first is not None:
             check_first(tok_logp.detach(), ess_logp.detach())
         if ess_init is None:
@@ -100,7 +119,8 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
         nll_val = float(nll.detach())
         if nll_start is None:
             nll_start = nll_val
-        if nll_val < policy.early_stop_loss:
+        margin_val = float(margin.min())
+        if reached_stop(nll_val, margin_val, policy):
             break
         kl = torch.sum(ess_init.exp() * (ess_init - ess_logp))
         loss = nll + policy.kl_factor * kl + policy.weight_decay * delta.pow(2).sum() / h_norm**2
@@ -114,7 +134,7 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
             cap = policy.clamp_norm_factor * h_norm
             if delta.norm() > cap:
                 delta.mul_(cap / delta.norm())
-    return steps, nll_start if nll_start is not None else nll_val, nll_val
+    return steps, nll_start if nll_start is not None else nll_val, nll_val, margin_val
 
 
 def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_module: str,
@@ -148,8 +168,8 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
     def scored_only() -> tuple[torch.Tensor, torch.Tensor]:
         with hooks(model, hook):
             h = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        tok_logp, ess_logp = scored_logp(head, torch.cat([h[r_idx, p_idx], h[ess, ess_pos][None]]), t_idx)
-        return tok_logp, ess_logp[0]
+        tok_logp, ess_logp, margin = scored_logp(head, torch.cat([h[r_idx, p_idx], h[ess, ess_pos][None]]), t_idx)
+        return tok_logp, ess_logp[0], margin
 
     def forward() -> tuple[torch.Tensor, torch.Tensor]:
         if not full_logits:
@@ -157,13 +177,14 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
         with hooks(model, hook):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits   # (n, T, vocab)
         logp = torch.log_softmax(logits.float(), dim=-1)                                # (n, T, vocab)
-        return logp[r_idx, p_idx, t_idx], logp[ess, ess_pos]                          # (n_tgt,), (vocab,)
+        tok_logp, margin = target_logp(logp[r_idx, p_idx], t_idx)                        # (n_tgt,) each
+        return tok_logp, logp[ess, ess_pos], margin
 
     # the unedited essence distribution is step 0's (δ = 0), as in the authors' loop
-    steps, nll_start, nll_val = run_steps(forward, delta, opt, len(g.rows), r_idx, fact_rows, n_ctx,
-                                          None, h_norm, policy, align)
+    steps, nll_start, nll_val, margin = run_steps(forward, delta, opt, len(g.rows), r_idx, fact_rows, n_ctx,
+                                                  None, h_norm, policy, align)
     return ValueResult(
-        delta=delta.detach().clone(), h_norm=h_norm, steps=steps, nll=nll_val,
+        delta=delta.detach().clone(), h_norm=h_norm, steps=steps, nll=nll_val, margin=margin,
         nll_start=nll_start, seconds=time.perf_counter() - t0,
         token_layer_passes=len(g.rows) * tok_per_row * n_layers,
     )

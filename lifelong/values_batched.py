@@ -17,7 +17,7 @@ import time
 import torch
 
 from .facts import Fact
-from .values import GroupRows, ValueResult
+from .values import GroupRows, ValueResult, reached_stop
 from .values_fast import _CHECK_TOL, _CHECK_TOL_LOW, _FastForward, _recognise, _Unsupported, optimize_value_fast
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
             groups_in_view = active.nonzero()[:, 0]
             view = fwd.select(torch.isin(row_group_all, groups_in_view).nonzero()[:, 0])
         row_group = row_group_all[torch.isin(row_group_all, groups_in_view)]     # (view rows,)
-        tok_logp, ess_logp = view(delta[row_group])
+        tok_logp, ess_logp, margin = view(delta[row_group])
         passes += view.token_layer_passes
         forwards += len(groups_in_view)
         if step == 0:  # δ = 0: the unedited essence distributions, and the check
@@ -96,11 +96,16 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
         row_len = torch.zeros(view.n_rows, device=device).index_add(0, view.r_idx, torch.ones_like(tok_logp))
         per_row = row_nll[fact_rows] / row_len[fact_rows]
         nll = torch.zeros(G, device=device).index_add(0, row_group[fact_rows], per_row) / n_ctx   # (G,)
-        nll_now = nll.detach().cpu()
+        group_margin = torch.full((G,), float("inf"), device=device).scatter_reduce(
+            0, row_group[view.r_idx], margin, "amin")                                    # (G,)
+        nll_now, margin_now = nll.detach().cpu(), group_margin.cpu()
         if nll_start is None:
-            nll_start, nll_last = nll_now.clone(), nll_now.clone()
+            nll_start, nll_last, margin_last = nll_now.clone(), nll_now.clone(), margin_now.clone()
         nll_last[active.cpu()] = nll_now[active.cpu()]
-        active = active & (nll.detach() >= policy.early_stop_loss)
+        margin_last[active.cpu()] = margin_now[active.cpu()]
+        stop = torch.tensor([reached_stop(float(n), float(m), policy) for n, m in zip(nll_now, margin_now)],
+                            device=device)
+        active = active & ~stop
         if not bool(active.any()):
             break
         kl = torch.zeros(G, device=device).index_copy(
@@ -121,5 +126,5 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
     seconds = (time.perf_counter() - t0) / G
     passes = passes / forwards  # per forward of one group, as optimize_value counts them
     return [ValueResult(delta=delta[g].detach().clone(), h_norm=float(h_norm[g]), steps=int(steps[g]),
-                        nll=float(nll_last[g]), nll_start=float(nll_start[g]), seconds=seconds,
+                        nll=float(nll_last[g]), margin=float(margin_last[g]), nll_start=float(nll_start[g]), seconds=seconds,
                         token_layer_passes=int(passes)) for g in range(G)]

@@ -347,7 +347,7 @@ class _FastForward:
         self.ref_t, self.ref_e = self.r_idx < n, self.ess_rows < n
         at = torch.cat([h[self.r_idx[self.ref_t], self.p_idx[self.ref_t]],
                         h[self.ess_rows[self.ref_e], self.ess_pos[self.ref_e]]])
-        self.ref_tok_logp, self.ref_ess_logp = scored_logp(self.lm_head, at, self.t_idx[self.ref_t])
+        self.ref_tok_logp, self.ref_ess_logp, _ = scored_logp(self.lm_head, at, self.t_idx[self.ref_t])
 
     def _prefix_after_L(self, k, stem_of, stem_kv) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Keys/values of the layers after L at [0, s) of every row (n, kv_heads, max s, hd):
@@ -415,8 +415,8 @@ class _FastForward:
     def token_layer_passes(self) -> int:
         return int(self.length[self.table].sum()) * self.n_after
 
-    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """delta: (d,) for every row, or (n_rows, d) one per row."""
+    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """delta: (d,) for every row, or (n_rows, d) one per row. Returns `scored_logp`'s triple."""
         a, p = self.arch, self.packed
         c, C, d = p.h.shape
         delta = delta.expand(self.n_rows, d) if delta.dim() == 1 else delta
@@ -473,12 +473,12 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
             raise _Abort
 
     try:
-        steps, nll_start, nll_val = run_steps(lambda: fwd(delta), delta, opt, fwd.n_rows, r_idx, fact_rows,
-                                              n_ctx, None, fwd.h_norm, policy, align, check_first=check)
+        steps, nll_start, nll_val, margin = run_steps(lambda: fwd(delta), delta, opt, fwd.n_rows, r_idx, fact_rows,
+                                                      n_ctx, None, fwd.h_norm, policy, align, check_first=check)
     except _Abort:
         return fallback()
     return ValueResult(
-        delta=delta.detach().clone(), h_norm=fwd.h_norm, steps=steps, nll=nll_val,
+        delta=delta.detach().clone(), h_norm=fwd.h_norm, steps=steps, nll=nll_val, margin=margin,
         nll_start=nll_start, seconds=time.perf_counter() - t0,
         token_layer_passes=fwd.token_layer_passes,
     )

@@ -56,6 +56,34 @@ def test_init_records_identity_and_refuses_overwrite(tiny_store, tiny_llama_dir,
     assert sha(tiny_store) == before
 
 
+def test_heldout_file_is_the_text_eval_measures_perplexity_on(tmp_path, tiny_llama_dir, tiny_policy_factory):
+    from lifelong.corpus import chunk_tokens
+    from lifelong.metrics import perplexity
+    from lifelong.models import load_model, resolve_model
+
+    text = tmp_path / "heldout.txt"
+    text.write_text("".join(f"Line {i} of a quiet text about rivers and hills.\n" for i in range(400)))
+    path = tmp_path / "store.h5"
+    api.init(path, model=str(tiny_llama_dir), policy=str(tiny_policy_factory("llama", threshold=0.05)),
+             heldout=str(text))
+    info = Store.open(path).info
+    model, tok = load_model(resolve_model(str(tiny_llama_dir)), device="cpu", log=lambda m: None)
+    seqs = chunk_tokens(tok, text.read_text().splitlines(), api.HELDOUT_FILE_TOKENS, api.SEQ_LEN)
+    assert info["heldout"] == seqs and info["heldout_source"] == f"file {text}"
+    facts = write_jsonl(tmp_path / "f.jsonl", FACTS_2)
+    summary = api.evaluate(path, facts)["summary"]
+    assert summary["perplexity_base"] == pytest.approx(perplexity(model, seqs), rel=1e-6)
+
+
+def test_bad_heldout_file_is_refused_before_anything_is_made(tmp_path, tiny_llama_dir, tiny_policy_factory):
+    bad = tmp_path / "held.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no"}\n')
+    with pytest.raises(BadInput, match=r"held\.jsonl:2: text"):
+        api.init(tmp_path / "s.h5", model=str(tiny_llama_dir), policy=str(tiny_policy_factory("llama")),
+                 heldout=str(bad))
+    assert not (tmp_path / "s.h5").exists()
+
+
 def test_push_edits_and_rollback_is_bit_exact(tiny_store, tmp_path):
     f1 = write_jsonl(tmp_path / "b1.jsonl", FACTS_1)
     f2 = write_jsonl(tmp_path / "b2.jsonl", FACTS_2)

@@ -162,3 +162,37 @@ def test_fallback_loop_scores_only_targets_and_matches(tiny):
     assert full.steps == lean.steps == 6
     assert rel(lean.delta, full.delta) < 1e-5
     assert lean.nll == pytest.approx(full.nll, rel=1e-5, abs=1e-7)
+
+
+def test_target_margin_is_positive_exactly_when_the_target_is_the_argmax():
+    from lifelong.values import target_logp
+
+    logp = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 0.5]]), dim=-1)
+    tok, margin = target_logp(logp, torch.tensor([0, 2, 0]))
+    assert torch.allclose(tok, logp[[0, 1, 2], [0, 2, 0]])
+    assert torch.allclose(margin, torch.tensor([1.0, -2.0, 0.0]))
+
+
+def test_margin_stop_is_the_same_in_every_loop(tiny):
+    """stop_margin ends a value where every target token leads by the margin in every context:
+    the straightforward loop, the fast one and the joint one stop at the same step."""
+    from lifelong.values_batched import optimize_values_batched
+
+    arch, model, tok = tiny
+    free = policy(arch, steps=12, lr=1.0, early_stop_loss=0.0)
+    groups = [ONE, SAME_SUBJECT]
+    # a margin the first group passes by its 6th forward, away from rounding's knife edge
+    m5, m6 = (optimize_value_fast(model, tok, ONE, CONTEXTS, LAYER[arch], free.with_overrides(steps=k), None).margin
+              for k in (5, 6))
+    stop = (m5 + m6) / 2 if m6 > m5 + 1e-3 else m6 - 1e-3
+    pol = free.with_overrides(stop_margin=float(stop))
+    slow, fast = (f(model, tok, ONE, CONTEXTS, LAYER[arch], pol, None, seed=0)
+                  for f in (optimize_value, optimize_value_fast))
+    assert fast.steps == slow.steps < free.steps
+    assert fast.margin >= stop and slow.margin >= stop
+    assert rel(fast.delta, slow.delta) < 1e-4
+    joint = optimize_values_batched(model, tok, groups, CONTEXTS, LAYER[arch], pol)
+    for i, (g, j) in enumerate(zip(groups, joint)):
+        one = optimize_value_fast(model, tok, g, CONTEXTS, LAYER[arch], pol, None, seed=i)
+        assert j.steps == one.steps and j.margin == pytest.approx(one.margin, abs=1e-4)
+        assert rel(j.delta, one.delta) < 1e-4
