@@ -1,0 +1,145 @@
+"""A quick read of a policy change on CounterFact: fewer edits and cheaper metrics than quality.py.
+
+Pushes the first BATCHES × 50 CounterFact dev facts into a fresh store (the shipped
+smollm2-135m policy with --push/--init overrides) and, every second batch and after the last,
+measures every live fact's bare strict efficacy and paraphrase, neighbors unchanged vs the
+base model, retention of batch 1, and perplexity drift on two texts: the first 400 lines of
+WikiText-2 test (64 × 128 tokens, never seen by init's corpus) and the store's model-sampled
+held-out text. No prefixed efficacy and no fluency: one variant to 200 edits takes ~10 min
+on this 2-core CPU, against ~40 for quality.py. Results append to bench/reports/quality_quick.json
+and the markdown table beside it is rebuilt.
+
+    python bench/quality_quick.py shipped
+    python bench/quality_quick.py margin1 --push '{"stop_margin": 1.0}'
+    python bench/quality_quick.py layers1-8 --init '{"layers": [1,2,3,4,5,6,7,8]}'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from benchdata import WIKI, WIKI_TEST, plain_wikitext
+from quality import counterfact_batches, write_batch
+
+REPORTS = Path(__file__).parent / "reports"
+
+
+def fresh_store(work: Path, name: str, init_over: dict) -> Path:
+    """A new store for this variant: `init` with the policy's init-time overrides, WikiText corpus."""
+    import yaml
+
+    from lifelong import api
+    from lifelong.policy import find_policy, load_policy
+
+    store = work / f"{name}.h5"
+    for p in (store, Path(f"{store}.d"), Path(f"{store}.lock")):
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    pol = load_policy(find_policy("smollm2-135m")).with_overrides(**init_over)
+    pol_file = work / f"{name}.policy.yaml"
+    pol_file.write_text(yaml.safe_dump(json.loads(pol.model_dump_json())))
+    corpus = plain_wikitext(work / "corpus.txt", lines=20_000, src=WIKI)
+    api.init(store, model="smollm2-135m", policy=str(pol_file), corpus=str(corpus))
+    return store
+
+
+def measure(store: Path, wiki: list[list[int]] | None, base_ppl: dict) -> tuple[dict, list[list[int]]]:
+    """Bare strict metrics of every live fact and both perplexity drifts, at head."""
+    from lifelong import history
+    from lifelong.evaluation import neighbor_rows, score_facts, summarize
+    from lifelong.facts import Fact
+    from lifelong.metrics import argmax_tokens, perplexity
+    from lifelong.session import Session
+    from lifelong.store import Store
+
+    st = Store.open(store)
+    s = Session.open(st, log=lambda *a, **k: None)
+    if wiki is None:
+        text = plain_wikitext(store.parent / "wikitext_test.txt", lines=400, src=WIKI_TEST).read_text()
+        ids = s.tok(text)["input_ids"]
+        wiki = [ids[j:j + 128] for j in range(0, 64 * 128, 128)]
+    facts, origin, full = [], [], {}
+    for b, k in history.live_facts(st.records):
+        if b not in full:
+            full[b] = st.batch_facts(b)
+        facts.append(Fact.from_dict(full[b][k]))
+        origin.append(b)
+    n_rows, _ = neighbor_rows(s.tok, facts)
+    with s.weights(s.base()):
+        base_preds = argmax_tokens(s.model, s.tok, n_rows)
+        if not base_ppl:
+            base_ppl.update(wiki=perplexity(s.model, wiki), sampled=perplexity(s.model, st.info["heldout"]))
+    scores = score_facts(s.model, s.tok, facts, base_preds)
+    summary = summarize(scores)
+    first = min(origin)
+    b1 = [x.efficacy for x, o in zip(scores, origin) if o == first]
+    return {"efficacy": summary["efficacy"], "paraphrase": summary["paraphrase"],
+            "neighbors_unchanged": summary["neighbors_unchanged"], "retention_batch1": sum(b1) / len(b1),
+            "drift_wikitext": perplexity(s.model, wiki) / base_ppl["wiki"] - 1,
+            "drift_sampled": perplexity(s.model, st.info["heldout"]) / base_ppl["sampled"] - 1}, wiki
+
+
+def write_table(results: dict, out: Path) -> None:
+    lines = ["# Quick quality reads (SmolLM2-135M, CounterFact dev, batches of 50)", "",
+             "`python bench/quality_quick.py NAME [--push JSON] [--init JSON]` per row (see the script's",
+             "docstring): bare strict metrics of every live fact, WikiText-2 test drift and model-sampled",
+             "drift. Each row is one run; compare rows at equal edits.", "",
+             "| variant | overrides | edits | efficacy | paraphrase | neighbors unchanged | retention b1 "
+             "| drift WikiText | drift sampled | steps/group | push s/fact |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        over = json.dumps({**r["push"], **r["init"]}) if (r["push"] or r["init"]) else "—"
+        for row in r["rows"]:
+            if "efficacy" not in row:
+                continue
+            lines.append(f"| {name} | `{over}` | {row['edits']} | {row['efficacy']:.1%} | {row['paraphrase']:.1%} | "
+                         f"{row['neighbors_unchanged']:.1%} | {row['retention_batch1']:.1%} | "
+                         f"{row['drift_wikitext']:+.1%} | {row['drift_sampled']:+.1%} | {row['steps']:.1f} | "
+                         f"{row['push_seconds'] / 50:.2f} |")
+    lines += ["", f"Device: CPU, {os.cpu_count()} cores; runs may share it, so push seconds compare only roughly."]
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name")
+    ap.add_argument("--push", default="{}", help="push-time policy overrides (JSON)")
+    ap.add_argument("--init", default="{}", help="init-time policy overrides (JSON), e.g. layers")
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", default="bench/work/quality_quick")
+    ap.add_argument("--out", default=str(REPORTS / "quality_quick.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from lifelong import api
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    push_over, init_over = json.loads(args.push), json.loads(args.init)
+    store = fresh_store(work, args.name, init_over)
+    rows, wiki, base_ppl = [], None, {}
+    batches = counterfact_batches(50 * args.batches, 50)
+    for i, batch in enumerate(batches):
+        t = time.perf_counter()
+        rep = api.push(store, write_batch(work / f"{args.name}-b{i + 1}.jsonl", batch), policy_overrides=push_over)
+        row = {"edits": 50 * (i + 1), "push_seconds": time.perf_counter() - t,
+               "steps": sum(g["steps"] for g in rep.groups) / len(rep.groups)}
+        if (i + 1) % 2 == 0 or i + 1 == len(batches):
+            m, wiki = measure(store, wiki, base_ppl)
+            row.update(m)
+        rows.append(row)
+        print(args.name, json.dumps(row), flush=True)
+    out_json = Path(args.out).with_suffix(".json")
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    results[args.name] = {"push": push_over, "init": init_over, "rows": rows}
+    out_json.write_text(json.dumps(results, indent=1))
+    write_table(results, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
