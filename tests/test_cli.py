@@ -146,6 +146,22 @@ def test_second_init_on_same_path_exits_1_names_the_store_and_leaves_it_byte_ide
     assert store_digest(pristine) == before
 
 
+def test_init_heldout_option_names_its_file_and_a_bad_one_names_line_and_field(
+        tmp_path, tiny_llama_dir, policy_file):
+    text = tmp_path / "held.txt"
+    text.write_text("".join(f"The river ran past hill {i} in the quiet town.\n" for i in range(300)))
+    store = tmp_path / "s.h5"
+    cli("init", "--model", tiny_llama_dir, "--policy", policy_file, "--heldout", text, "--store", store)
+    info = Store.open(store).info
+    assert info["heldout_source"] == f"file {text}" and len(info["heldout"]) > 1
+    bad = tmp_path / "held.jsonl"
+    bad.write_text('{"text": "fine"}\n[1, 2]\n')
+    res = cli("init", "--model", tiny_llama_dir, "--policy", policy_file, "--heldout", bad,
+              "--store", tmp_path / "t.h5", code=2)
+    assert f"{bad}:2: text:" in res.stderr
+    assert not (tmp_path / "t.h5").exists()
+
+
 # ----------------------------------------------------------------------------- 2. malformed pushes
 
 GOOD = {"subject": "Italy", "prompt": "The capital of {} is", "target": "Paris"}
