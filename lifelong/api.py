@@ -30,8 +30,8 @@ from .policy import Policy, find_policy, load_policy
 from .session import Session, expected_fingerprints, head_weights, layer_key, verify
 from .stats import projector, second_moments
 from .store import Store
-from .weights import fingerprint, get_module, module_name, read_matrix
 from .values import reached_stop
+from .weights import fingerprint, get_module, module_name, read_matrix
 
 DEFAULT_STORE = Path("stores") / "default.h5"
 HELDOUT_SEQS, HELDOUT_LEN = 16, 64          # model-sampled held-out text

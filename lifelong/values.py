@@ -37,7 +37,7 @@ class ValueResult:
     nll_start: float
     seconds: float
     token_layer_passes: int      # per step: rows × positions × layers recomputed
-    margin: float = float("nan")  # final min over targets of log p(target) − max log p(other token)
+    margin: float = float("nan")  # with stop_margin: final min over targets of log p(target) − max log p(other)
 
 
 @dataclass
@@ -64,22 +64,30 @@ class GroupRows:
         return cls(rows, owner, len(facts))
 
 
-def target_logp(logp: torch.Tensor, t_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per scored position (rows of logp (n_tgt, vocab)): the target token's log-prob, and its
-    margin over the most probable other token (> 0: the target is the argmax; no gradient)."""
+def target_logp(logp: torch.Tensor, t_idx: torch.Tensor,
+                margins: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per scored position (rows of logp (n_tgt, vocab)): the target token's log-prob, and
+    (with margins) its lead over the most probable other token (> 0: the target is the
+    argmax; no gradient), else None: one more pass over the vocabulary a step needs only
+    when the policy stops on margins."""
     tok = logp.gather(1, t_idx[:, None])[:, 0]
+    if not margins:
+        return tok, None
     with torch.no_grad():
-        other = logp.detach().scatter(1, t_idx[:, None], float("-inf")).amax(1)
+        top = logp.detach().topk(2, dim=1)
+        other = torch.where(top.indices[:, 0] == t_idx, top.values[:, 1], top.values[:, 0])
     return tok, tok.detach() - other
 
 
-def scored_logp(head, hidden: torch.Tensor, t_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scored_logp(head, hidden: torch.Tensor, t_idx: torch.Tensor,
+                margins: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The LM head in one product over hidden (n_tgt + n_ess, d): the first len(t_idx) rows
     are target positions, the rest essence rows. Returns (log-prob of each target token
-    (n_tgt,), the essence rows' log-probs (n_ess, vocab), each target's margin (n_tgt,))."""
+    (n_tgt,), the essence rows' log-probs (n_ess, vocab), with margins each target's
+    margin (n_tgt,) else None)."""
     logp = torch.log_softmax(head(hidden).float(), dim=-1)
     n = len(t_idx)
-    tok, margin = target_logp(logp[:n], t_idx)
+    tok, margin = target_logp(logp[:n], t_idx, margins)
     return tok, logp[n:], margin
 
 
@@ -98,7 +106,7 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
     """The value optimization loop shared by every forward implementation.
 
     forward() -> (log-prob of each scored target token (n_tgt,), essence log-probs (1, vocab)
-    or (vocab,), each target's margin (n_tgt,)); per step: per-row mean NLL over target
+    or (vocab,), each target's margin (n_tgt,) or None without stop_margin); per step: per-row mean NLL over target
     tokens, mean over contexts, summed over facts; early stop on that NLL or on the margins
     (`reached_stop`); then KL, weight decay, alignment, Adam, clamp.
     ess_init: the unedited essence log-probs, or None to read them off step 0 (δ = 0).
@@ -119,7 +127,7 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
         nll_val = float(nll.detach())
         if nll_start is None:
             nll_start = nll_val
-        margin_val = float(margin.min())
+        margin_val = float(margin.min()) if margin is not None else float("nan")
         if reached_stop(nll_val, margin_val, policy):
             break
         kl = torch.sum(ess_init.exp() * (ess_init - ess_logp))
@@ -165,19 +173,22 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
 
     head = model.get_output_embeddings()
 
-    def scored_only() -> tuple[torch.Tensor, torch.Tensor]:
+    margins = policy.stop_margin is not None
+
+    def scored_only() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         with hooks(model, hook):
             h = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        tok_logp, ess_logp, margin = scored_logp(head, torch.cat([h[r_idx, p_idx], h[ess, ess_pos][None]]), t_idx)
+        tok_logp, ess_logp, margin = scored_logp(head, torch.cat([h[r_idx, p_idx], h[ess, ess_pos][None]]), t_idx,
+                                                 margins)
         return tok_logp, ess_logp[0], margin
 
-    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+    def forward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if not full_logits:
             return scored_only()
         with hooks(model, hook):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits   # (n, T, vocab)
         logp = torch.log_softmax(logits.float(), dim=-1)                                # (n, T, vocab)
-        tok_logp, margin = target_logp(logp[r_idx, p_idx], t_idx)                        # (n_tgt,) each
+        tok_logp, margin = target_logp(logp[r_idx, p_idx], t_idx, margins)               # (n_tgt,) each
         return tok_logp, logp[ess, ess_pos], margin
 
     # the unedited essence distribution is step 0's (δ = 0), as in the authors' loop

@@ -72,6 +72,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
     tol = _CHECK_TOL.get(fwd.hL.dtype, _CHECK_TOL_LOW)
 
     active = torch.ones(G, dtype=torch.bool, device=device)
+    margins = policy.stop_margin is not None
     steps = torch.zeros(G, dtype=torch.long)
     nll_start = nll_last = None
     view, groups_in_view = fwd, torch.arange(G, device=device)
@@ -81,7 +82,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
             groups_in_view = active.nonzero()[:, 0]
             view = fwd.select(torch.isin(row_group_all, groups_in_view).nonzero()[:, 0])
         row_group = row_group_all[torch.isin(row_group_all, groups_in_view)]     # (view rows,)
-        tok_logp, ess_logp, margin = view(delta[row_group])
+        tok_logp, ess_logp, margin = view(delta[row_group], margins)
         passes += view.token_layer_passes
         forwards += len(groups_in_view)
         if step == 0:  # δ = 0: the unedited essence distributions, and the check
@@ -96,8 +97,9 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
         row_len = torch.zeros(view.n_rows, device=device).index_add(0, view.r_idx, torch.ones_like(tok_logp))
         per_row = row_nll[fact_rows] / row_len[fact_rows]
         nll = torch.zeros(G, device=device).index_add(0, row_group[fact_rows], per_row) / n_ctx   # (G,)
-        group_margin = torch.full((G,), float("inf"), device=device).scatter_reduce(
-            0, row_group[view.r_idx], margin, "amin")                                    # (G,)
+        group_margin = (torch.full((G,), float("inf"), device=device).scatter_reduce(
+            0, row_group[view.r_idx], margin, "amin") if margins
+            else torch.full((G,), float("nan"), device=device))                          # (G,)
         nll_now, margin_now = nll.detach().cpu(), group_margin.cpu()
         if nll_start is None:
             nll_start, nll_last, margin_last = nll_now.clone(), nll_now.clone(), margin_now.clone()

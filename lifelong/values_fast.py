@@ -415,7 +415,7 @@ class _FastForward:
     def token_layer_passes(self) -> int:
         return int(self.length[self.table].sum()) * self.n_after
 
-    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, delta: torch.Tensor, margins: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """delta: (d,) for every row, or (n_rows, d) one per row. Returns `scored_logp`'s triple."""
         a, p = self.arch, self.packed
         c, C, d = p.h.shape
@@ -428,7 +428,7 @@ class _FastForward:
             h = a.run(h, a.L + 1, len(a.layers), p.mask, p.position_ids, p.pe, p.kv)
         # final norm and LM head only at the scored positions, in one product (the head's
         # weights are read once per step): target positions, then the essence rows' last
-        return scored_logp(self.lm_head, a.norm(h.reshape(c * C, d)[p.scored]), self.t_idx)
+        return scored_logp(self.lm_head, a.norm(h.reshape(c * C, d)[p.scored]), self.t_idx, margins)
 
 
 class _Unsupported(Exception):
@@ -460,6 +460,7 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
         return fallback()
 
     fact_rows, r_idx, n_ctx = fwd.fact_rows, fwd.r_idx, len(contexts)
+    margins = policy.stop_margin is not None
     torch.manual_seed(seed)
     delta = torch.zeros(fwd.hL.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=policy.lr)
@@ -473,7 +474,7 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
             raise _Abort
 
     try:
-        steps, nll_start, nll_val, margin = run_steps(lambda: fwd(delta), delta, opt, fwd.n_rows, r_idx, fact_rows,
+        steps, nll_start, nll_val, margin = run_steps(lambda: fwd(delta, margins), delta, opt, fwd.n_rows, r_idx, fact_rows,
                                                       n_ctx, None, fwd.h_norm, policy, align, check_first=check)
     except _Abort:
         return fallback()

@@ -182,7 +182,8 @@ def test_margin_stop_is_the_same_in_every_loop(tiny):
     free = policy(arch, steps=12, lr=1.0, early_stop_loss=0.0)
     groups = [ONE, SAME_SUBJECT]
     # a margin the first group passes by its 6th forward, away from rounding's knife edge
-    m5, m6 = (optimize_value_fast(model, tok, ONE, CONTEXTS, LAYER[arch], free.with_overrides(steps=k), None).margin
+    never = free.with_overrides(stop_margin=1e9)   # margins reported, the same trajectory as `free`
+    m5, m6 = (optimize_value_fast(model, tok, ONE, CONTEXTS, LAYER[arch], never.with_overrides(steps=k), None).margin
               for k in (5, 6))
     stop = (m5 + m6) / 2 if m6 > m5 + 1e-3 else m6 - 1e-3
     pol = free.with_overrides(stop_margin=float(stop))
