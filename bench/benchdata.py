@@ -24,3 +24,15 @@ def plain_wikitext(dst: Path, lines: int, drop_unk_lines: bool = False, src: Pat
             break
     dst.write_text("\n".join(out) + "\n", encoding="utf-8")
     return dst
+
+
+def wikitext_test_chunks(tok, n_seq: int, length: int = 128) -> list[list[int]]:
+    """The first 400 plain WikiText-2 test lines (as `quality.py` gives `init --heldout`),
+    tokenized whole and cut into n_seq chunks of `length` tokens: held-out text for drift."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text = plain_wikitext(Path(tmp) / "t.txt", lines=400, src=WIKI_TEST).read_text(encoding="utf-8")
+    ids = tok(text)["input_ids"]
+    return [ids[j:j + length] for j in range(0, n_seq * length, length)]
+

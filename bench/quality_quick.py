@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchdata import WIKI, WIKI_TEST, plain_wikitext
+from benchdata import WIKI, plain_wikitext, wikitext_test_chunks
 from quality import counterfact_batches, write_batch
 
 REPORTS = Path(__file__).parent / "reports"
@@ -50,9 +50,8 @@ def fresh_store(work: Path, name: str, init_over: dict) -> Path:
 
 def measure(store: Path, wiki: list[list[int]] | None, base_ppl: dict) -> tuple[dict, list[list[int]]]:
     """Bare strict metrics of every live fact and both perplexity drifts, at head."""
-    from lifelong import history
+    from lifelong.api import live_facts
     from lifelong.evaluation import neighbor_rows, score_facts, summarize
-    from lifelong.facts import Fact
     from lifelong.metrics import argmax_tokens, perplexity
     from lifelong.session import Session
     from lifelong.store import Store
@@ -60,15 +59,8 @@ def measure(store: Path, wiki: list[list[int]] | None, base_ppl: dict) -> tuple[
     st = Store.open(store)
     s = Session.open(st, log=lambda *a, **k: None)
     if wiki is None:
-        text = plain_wikitext(store.parent / "wikitext_test.txt", lines=400, src=WIKI_TEST).read_text()
-        ids = s.tok(text)["input_ids"]
-        wiki = [ids[j:j + 128] for j in range(0, 64 * 128, 128)]
-    facts, origin, full = [], [], {}
-    for b, k in history.live_facts(st.records):
-        if b not in full:
-            full[b] = st.batch_facts(b)
-        facts.append(Fact.from_dict(full[b][k]))
-        origin.append(b)
+        wiki = wikitext_test_chunks(s.tok, 64)
+    facts, origin = live_facts(st)
     n_rows, _ = neighbor_rows(s.tok, facts)
     with s.weights(s.base()):
         base_preds = argmax_tokens(s.model, s.tok, n_rows)

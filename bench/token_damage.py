@@ -12,12 +12,10 @@ text barely see.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import torch
 
-from benchdata import WIKI_TEST, plain_wikitext
+from benchdata import wikitext_test_chunks
 
 
 @torch.no_grad()
@@ -40,10 +38,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     st = Store.open(args.store)
     s = Session.open(st, log=lambda *a, **k: None)
-    with tempfile.TemporaryDirectory() as tmp:
-        text = plain_wikitext(Path(tmp) / "t.txt", lines=400, src=WIKI_TEST).read_text()
-    ids = s.tok(text)["input_ids"]
-    x = torch.tensor([ids[j:j + 128] for j in range(0, 32 * 128, 128)])
+    x = torch.tensor(wikitext_test_chunks(s.tok, 32))
     with s.weights(s.base()):
         base = token_nll(s.model, x)
     diff = (token_nll(s.model, x) - base).flatten()

@@ -363,6 +363,18 @@ def fluency(model, tok, prompts: list[str], new_tokens: int = FLUENCY_TOKENS) ->
     return ngram_entropy(out[:, enc["input_ids"].shape[1]:].tolist())
 
 
+def live_facts(store: Store) -> tuple[list[Fact], list[int]]:
+    """Every live fact at head, whole (as pushed), and the batch it came from."""
+    full: dict[int, list[dict]] = {}
+    facts, origin = [], []
+    for b, i in history.live_facts(store.records):
+        if b not in full:
+            full[b] = store.batch_facts(b)
+        facts.append(Fact.from_dict(full[b][i]))
+        origin.append(b)
+    return facts, origin
+
+
 def evaluate(path, fact_file=None, prefixes: int = EVAL_PREFIXES, log=_quiet) -> dict:
     """DESIGN §6 metrics for a fact file, or retention of every live fact at head:
     strict efficacy (bare and under `prefixes` sampled prefixes), paraphrases, neighbors
@@ -373,13 +385,7 @@ def evaluate(path, fact_file=None, prefixes: int = EVAL_PREFIXES, log=_quiet) ->
         facts = load_facts(fact_file).facts
         origin: list[int | None] = [None] * len(facts)
     else:
-        full: dict[int, list[dict]] = {}
-        facts, origin = [], []
-        for b, i in history.live_facts(store.records):
-            if b not in full:
-                full[b] = store.batch_facts(b)
-            facts.append(Fact.from_dict(full[b][i]))
-            origin.append(b)
+        facts, origin = live_facts(store)
     n_rows, _ = neighbor_rows(session.tok, facts)
     heldout = store.info.get("heldout") or []
     prompts = [f.render() for f in facts]
