@@ -7,7 +7,11 @@ subjects at their last token (bare prompt). Reports
     1; the higher, the less an update that reaches k must move ordinary tokens (MEMIT's
     least-squares damage is ‖r‖² / kᵀC₀⁻¹k);
   - the null space the policy threshold keeps (dimensions, share of C₀'s energy) and the
-    median share of a subject key's energy inside it.
+    median share of a subject key's energy inside it;
+  - spill: what AlphaEdit's one-key update Δ = r(Pk)ᵀ/(kᵀPk + α) for subject i moves at
+    subject j's key, |kᵢᵀPkⱼ| / (kᵢᵀPkᵢ + α), per unit of r: the median and the 95th
+    percentile over pairs of different subjects (the neighbors metric's failure mode), and
+    to ordinary text, √(kᵢᵀPC₀Pkᵢ) / (kᵢᵀPkᵢ + α) (the drift's), median over subjects.
 
     python bench/layer_scan.py [--layers 0-12] [--threshold 1e-2]
 """
@@ -35,6 +39,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", default="0-12")
     ap.add_argument("--threshold", type=float, default=1e-2)
     ap.add_argument("--subjects", type=int, default=200)
+    ap.add_argument("--alpha", type=float, default=1.0)
     args = ap.parse_args(argv)
     lo, hi = (int(x) for x in args.layers.split("-"))
     net, tok = load_model(resolve_model("smollm2-135m"), device="cpu", log=lambda *a: None)
@@ -50,7 +55,8 @@ def main(argv=None) -> None:
     with torch.no_grad():
         keys = module_inputs(net, names, ids, mask, torch.tensor([r.subject_pos for r in made]))
     print(f"{len(made)} subjects; threshold {args.threshold:g}")
-    print("layer | maha/d | null dims | C₀ energy in null | subject-key energy in null")
+    print(f"layer | maha/d | null dims | C₀ energy in null | subject-key energy in null | "
+          f"spill to subjects med / p95 | spill to text (α {args.alpha:g})")
     for name in names:
         C, K = moments[name].double(), keys[name].double()
         vals, vecs = torch.linalg.eigh(C)
@@ -58,8 +64,14 @@ def main(argv=None) -> None:
         maha = ((K @ inv) * K).sum(1) / K.shape[1]
         proj = projector(moments[name], args.threshold)
         inside = ((K @ proj.P.double()) * K).sum(1) / (K * K).sum(1)
+        PK = K @ proj.P.double()                                   # (n, d) rows Pkᵢ
+        own = (PK * K).sum(1) + args.alpha                         # kᵢᵀPkᵢ + α
+        cross = (PK @ K.T).abs() / own[:, None]                    # (i, j): spill of i's update at kⱼ
+        off = cross[~torch.eye(len(K), dtype=torch.bool)]
+        text = ((PK @ C) * PK).sum(1).sqrt() / own
         print(f"{name.split('.')[2]:>5} | {float(maha.median()):6.2f} | {proj.kept:4d}/{K.shape[1]} | "
-              f"{proj.kept_energy:6.1%} | {float(inside.median()):6.1%}", flush=True)
+              f"{proj.kept_energy:6.1%} | {float(inside.median()):6.1%} | "
+              f"{float(off.median()):.3f} / {float(off.quantile(0.95)):.3f} | {float(text.median()):.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -126,11 +126,18 @@ def main(argv=None) -> None:
             row.update(m)
         rows.append(row)
         print(args.name, json.dumps(row), flush=True)
-    out_json = Path(args.out).with_suffix(".json")
+        if "efficacy" in row:   # after every measurement: a long run stopped early keeps what it measured
+            save(Path(args.out), args.name, {"push": push_over, "init": init_over, "rows": rows})
+
+
+def save(out: Path, name: str, entry: dict) -> None:
+    """Put this variant's rows into the JSON (re-read, so parallel runs keep each other's) and
+    rebuild the table."""
+    out_json = out.with_suffix(".json")
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results[args.name] = {"push": push_over, "init": init_over, "rows": rows}
+    results[name] = entry
     out_json.write_text(json.dumps(results, indent=1))
-    write_table(results, Path(args.out))
+    write_table(results, out)
 
 
 if __name__ == "__main__":

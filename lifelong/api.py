@@ -275,16 +275,18 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
         efficacy=[float(s.efficacy) for s in scores], metrics=dict(summary),
         fingerprint_after=after, policy_digest=policy.digest(),
     )
-    record.metrics["groups"] = [{"nll_start": round(v.nll_start, 4), "nll": round(v.nll, 4), "steps": v.steps}
-                                for v in edit.values]
+    record.metrics["groups"] = [{"nll_start": round(v.nll_start, 4), "nll": round(v.nll, 4), "steps": v.steps,
+                                 "realized": round(float(r), 4)}
+                                for v, r in zip(edit.values, edit.realized)]
     if not dry_run:
         tx.add_batch(record, arrays)
     timings["store"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
     record.timings = {k: round(v, 3) for k, v in timings.items()}
     group_rows = [{**g.to_dict(), "nll_start": round(v.nll_start, 4), "nll": round(v.nll, 4), "steps": v.steps,
-                   "delta_norm": round(float(v.delta.norm()), 3), "h_norm": round(v.h_norm, 3)}
-                  for g, v in zip(record.groups, edit.values)]
+                   "delta_norm": round(float(v.delta.norm()), 3), "h_norm": round(v.h_norm, 3),
+                   "realized": round(float(r), 4)}
+                  for g, v, r in zip(record.groups, edit.values, edit.realized)]
     return PushReport(batch_id, ff.facts, scores, summary, group_rows, record.supersedes,
                       record.timings, dry_run, warnings)
 

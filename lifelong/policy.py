@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -140,8 +140,22 @@ class Policy(BaseModel):
     steps: int = Field(
         25, ge=1, description="Maximum optimization steps of the residual δ per group (count)."
     )
+    optimizer: Literal["adam", "normalized"] = Field(
+        "adam",
+        description="How δ steps: 'adam' (MEMIT/AlphaEdit: Adam with learning rate lr), or "
+        "'normalized' (each step moves δ by step_size·‖h^L‖ straight down its gradient). "
+        "Adam moves every coordinate by about lr per step whatever its gradient, so δ fills "
+        "directions the target does not need; normalized steps reach the same target with "
+        "a δ about 2.5x shorter on SmolLM2, and a shorter δ is a smaller weight update.",
+    )
     lr: float = Field(
-        0.5, gt=0, description="Adam learning rate of the δ optimization (dimensionless)."
+        0.5, gt=0, description="Adam learning rate of the δ optimization (dimensionless; optimizer adam)."
+    )
+    step_size: float = Field(
+        0.08,
+        gt=0,
+        description="Length of each normalized step, as a fraction of ‖h^L‖ (ratio; optimizer "
+        "normalized).",
     )
     clamp_norm_factor: float = Field(
         0.75,
@@ -225,6 +239,14 @@ class Policy(BaseModel):
         gt=0,
         description="Ridge α of the projected update: (K_pK_pᵀP + KKᵀP + αI)⁻¹ (same units as "
         "KKᵀ, i.e. squared key norm).",
+    )
+    sweeps: int = Field(
+        1,
+        ge=1,
+        description="Passes over the edited layers per batch (count). The first spreads each "
+        "group's δ over the layers (MEMIT); the closed-form solve reaches only part of it "
+        "(α, the projection, earlier edits' keys), and each further pass spreads again what "
+        "is still missing at L. 1: MEMIT/AlphaEdit as published.",
     )
     nullspace_threshold: float = Field(
         2e-2,

@@ -1,7 +1,7 @@
 """Target values: the residual δ one group of facts needs at the last edited layer.
 
 δ is added to h^L (the output of decoder layer L) at the last subject token of every
-row, and optimized with Adam on
+row, and optimized (Adam, or normalized gradient steps: `make_optimizer`) on
   Σ_facts mean_contexts NLL(target) + kl_factor·KL(essence) + weight_decay·‖δ‖²/‖h‖²
   + EAMET alignment against the residual bank,
 with ‖δ‖ clamped to clamp_norm_factor·‖h‖ (a norm of the same space as δ).
@@ -97,6 +97,40 @@ def reached_stop(nll: float, margin: float, policy) -> bool:
     return nll < policy.early_stop_loss or (policy.stop_margin is not None and margin >= policy.stop_margin)
 
 
+class NormalizedSteps(torch.optim.Optimizer):
+    """Gradient descent with steps of a fixed length: δ ← δ − step·g/‖g‖, per row of δ.
+
+    Adam's first steps move every coordinate by about lr whatever its gradient, so δ grows
+    in all d directions at once and most of its length is in directions the target does not
+    need. A step along the gradient itself reaches the same target NLL with a shorter δ,
+    and δ becomes the weight update's residual. With δ of shape (G, d) every row (group)
+    is normalized and stepped on its own, which is the per-group optimization exactly.
+    """
+
+    def __init__(self, delta: torch.Tensor, step: float | torch.Tensor):
+        super().__init__([delta], {})
+        self.step_len = torch.as_tensor(step, dtype=delta.dtype, device=delta.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad if p.dim() > 1 else p.grad[None]
+                unit = g / g.norm(dim=-1, keepdim=True).clamp(min=1e-30)   # zero gradient: no move
+                step = self.step_len.reshape(-1, 1) if self.step_len.dim() else self.step_len
+                p.sub_((step * unit).reshape(p.shape))
+
+
+def make_optimizer(delta: torch.Tensor, policy, h_norm: float | torch.Tensor) -> torch.optim.Optimizer:
+    """The policy's δ optimizer: Adam (MEMIT's) or normalized steps of step_size·‖h^L‖
+    (h_norm: a float, or one per row of a (G, d) δ)."""
+    if policy.optimizer == "normalized":
+        return NormalizedSteps(delta, policy.step_size * torch.as_tensor(h_norm).detach())
+    return torch.optim.Adam([delta], lr=policy.lr)
+
+
 class _Abort(Exception):
     """Raised by a first-step check to give up on a loop (the caller falls back)."""
 
@@ -108,7 +142,7 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
     forward() -> (log-prob of each scored target token (n_tgt,), essence log-probs (1, vocab)
     or (vocab,), each target's margin (n_tgt,) or None without stop_margin); per step: per-row mean NLL over target
     tokens, mean over contexts, summed over facts; early stop on that NLL or on the margins
-    (`reached_stop`); then KL, weight decay, alignment, Adam, clamp.
+    (`reached_stop`); then KL, weight decay, alignment, optimizer step, clamp.
     ess_init: the unedited essence log-probs, or None to read them off step 0 (δ = 0).
     Returns (steps taken, first NLL, last NLL, last min margin). check_first(tok_logp,
     ess_logp) may raise _Abort.
@@ -166,7 +200,7 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
     h_norm = float(h0.norm())
     torch.manual_seed(seed)
     delta = torch.zeros(h0.shape[0], device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=policy.lr)
+    opt = make_optimizer(delta, policy, h_norm)
     hook = {layer_module: ("post", add_at_positions(lambda: delta, subj))}
     tok_per_row = ids.shape[1]
     n_layers = model.config.num_hidden_layers

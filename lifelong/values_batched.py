@@ -2,8 +2,8 @@
 
 Without the EAMET term, each group's loss depends only on its own δ and its own rows,
 so optimizing all groups together — δ as a (G, d) tensor, loss summed over groups — is
-the per-group optimization exactly: Adam is element-wise, the clamp and weight decay are
-per group, and a group that reaches its early stop is frozen (its δ restored after
+the per-group optimization exactly: Adam is element-wise, normalized steps, the clamp and
+weight decay are per group, and a group that reaches its early stop is frozen (its δ restored after
 every later step). What changes is the cost: each step reads the decoder's weights once
 for every group instead of once per group, which is what a small-token step on a CPU
 is bound by. With alignment on, each group must see the residuals of the groups before
@@ -17,7 +17,7 @@ import time
 import torch
 
 from .facts import Fact
-from .values import GroupRows, ValueResult, reached_stop
+from .values import GroupRows, ValueResult, make_optimizer, reached_stop
 from .values_fast import _CHECK_TOL, _CHECK_TOL_LOW, _FastForward, _recognise, _Unsupported, optimize_value_fast
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
     row_group_all = torch.tensor(group_of_row, device=device)                   # (n_rows,)
     h_norm = fwd.h_at_subject[torch.tensor(first_row, device=device)].norm(dim=-1)  # (G,)
     delta = torch.zeros(G, fwd.hL.shape[-1], device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=policy.lr)
+    opt = make_optimizer(delta, policy, h_norm)
     tol = _CHECK_TOL.get(fwd.hL.dtype, _CHECK_TOL_LOW)
 
     active = torch.ones(G, dtype=torch.bool, device=device)

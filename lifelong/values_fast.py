@@ -44,7 +44,7 @@ from .facts import Fact
 from .lean_llama import lean_layers, run_lean
 from .prompts import Row, pad_rows, target_index
 from .trace import _hidden, _Stop
-from .values import GroupRows, ValueResult, _Abort, optimize_value, run_steps, scored_logp
+from .values import GroupRows, ValueResult, _Abort, make_optimizer, optimize_value, run_steps, scored_logp
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +463,7 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
     margins = policy.stop_margin is not None
     torch.manual_seed(seed)
     delta = torch.zeros(fwd.hL.shape[-1], device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=policy.lr)
+    opt = make_optimizer(delta, policy, fwd.h_norm)
     tol = _CHECK_TOL.get(fwd.hL.dtype, _CHECK_TOL_LOW)
 
     def check(tok_logp, ess_logp):  # δ = 0: the fast forward must reproduce the ordinary one

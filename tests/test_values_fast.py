@@ -197,3 +197,38 @@ def test_margin_stop_is_the_same_in_every_loop(tiny):
         one = optimize_value_fast(model, tok, g, CONTEXTS, LAYER[arch], pol, None, seed=i)
         assert j.steps == one.steps and j.margin == pytest.approx(one.margin, abs=1e-4)
         assert rel(j.delta, one.delta) < 1e-4
+
+
+def test_normalized_steps_move_each_row_by_its_step_along_the_gradient():
+    """δ ← δ − step·g/‖g‖ per row: each row moves exactly its own step length, straight
+    down its gradient; a row with no gradient (a stopped group) does not move."""
+    from lifelong.values import NormalizedSteps
+
+    delta = torch.zeros(3, 4, requires_grad=True)
+    opt = NormalizedSteps(delta, torch.tensor([2.0, 0.5, 1.0]))
+    (delta * torch.tensor([[3.0, 4.0, 0, 0], [0, 0, -1.0, 0], [0, 0, 0, 0]])).sum().backward()
+    opt.step()
+    assert torch.allclose(delta.detach(), torch.tensor([[-1.2, -1.6, 0, 0], [0, 0, 0.5, 0], [0, 0, 0, 0]]))
+    one = torch.zeros(2, requires_grad=True)
+    (one * torch.tensor([0.0, -5.0])).sum().backward()
+    NormalizedSteps(one, 3.0).step()
+    assert torch.allclose(one.detach(), torch.tensor([0.0, 3.0]))
+
+
+def test_normalized_optimizer_is_the_same_in_every_loop(tiny):
+    """optimizer: normalized gives the same δ in the straightforward, fast and joint loops,
+    and each step is step_size·‖h‖ long (no clamp binding, no weight decay: ‖δ‖ ≤ steps·step)."""
+    from lifelong.values_batched import optimize_values_batched
+
+    arch, model, tok = tiny
+    pol = policy(arch, optimizer="normalized", step_size=0.05, steps=6, early_stop_loss=0.0, weight_decay=0.0)
+    slow, fast = both(tiny, ONE, CONTEXTS, pol)
+    assert slow.steps == fast.steps == 6
+    assert rel(fast.delta, slow.delta) < 1e-4
+    assert 0 < float(slow.delta.norm()) <= 6 * 0.05 * slow.h_norm * (1 + 1e-5)
+    groups = [ONE, SAME_SUBJECT]
+    joint = optimize_values_batched(model, tok, groups, CONTEXTS, LAYER[arch], pol)
+    for i, (g, j) in enumerate(zip(groups, joint)):
+        one = optimize_value_fast(model, tok, g, CONTEXTS, LAYER[arch], pol, None, seed=i)
+        assert j.steps == one.steps
+        assert rel(j.delta, one.delta) < 1e-4
