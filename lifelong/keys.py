@@ -89,7 +89,7 @@ class BatchKeys:
         L = self.layers[-1]
         read = [l for l in self.layers if start is None or l > start]      # keys that can change
         nxt = next((l for l in self.layers if start is None or l > start), None)
-        keep = nxt if self.arch is not None and nxt is not None and nxt < L else None
+        keep = nxt if self.arch is not None and nxt is not None and nxt <= L else None   # L too: realized shares
         key_sum = {l: None for l in read}
         out_sum = None
         for part in self.parts:

@@ -73,3 +73,12 @@ def test_keys_follow_each_layer_update(arch, recognised, tiny_llama_dir, tiny_gp
         w = read_matrix(module)
         a, b = torch.randn(w.shape[0], 2, generator=g), torch.randn(2, w.shape[1], generator=g)
         write_matrix(module, w + 0.3 * w.abs().mean() * a @ b)
+    # after the last layer's update: h^L moved (what the realized shares read), from layer L's
+    # cached input when the structure is recognised, equal to whole passes
+    out_before = current.out.clone()
+    L = LAYERS[-1]
+    assert (current.cached == L) == recognised
+    current.after_update(L)
+    assert not torch.allclose(current.out, out_before, atol=1e-3)
+    _, out = whole_passes(model, tok, template, L)
+    torch.testing.assert_close(current.out, out, rtol=1e-5, atol=1e-5)
