@@ -38,6 +38,7 @@ def main(argv=None) -> None:
     from lifelong.facts import Fact
     from lifelong.session import Session
     from lifelong.store import Store
+    from lifelong.values import reached_stop
     from lifelong.values_fast import optimize_value_fast
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
                for i, f in enumerate(facts)]
         rel = statistics.median(float(r.delta.norm()) / r.h_norm for r in res)
         steps = statistics.mean(r.steps for r in res)
-        reached = sum(r.nll < pol.early_stop_loss for r in res)
+        reached = sum(reached_stop(r.nll, r.margin, pol) for r in res)
         lines.append(f"| {name} | `{json.dumps(over)}` | {rel:.2f} | {steps:.1f} | {reached}/{len(res)} |")
         print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -277,16 +277,14 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
     )
     record.metrics["groups"] = [{"nll_start": round(v.nll_start, 4), "nll": round(v.nll, 4), "steps": v.steps,
                                  "realized": round(float(r), 4)}
-                                for v, r in zip(edit.values, edit.realized)]
+                                for v, r in zip(edit.values, edit.realized)]   # the report's rows add to these
     if not dry_run:
         tx.add_batch(record, arrays)
     timings["store"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
     record.timings = {k: round(v, 3) for k, v in timings.items()}
-    group_rows = [{**g.to_dict(), "nll_start": round(v.nll_start, 4), "nll": round(v.nll, 4), "steps": v.steps,
-                   "delta_norm": round(float(v.delta.norm()), 3), "h_norm": round(v.h_norm, 3),
-                   "realized": round(float(r), 4)}
-                  for g, v, r in zip(record.groups, edit.values, edit.realized)]
+    group_rows = [{**g.to_dict(), **m, "delta_norm": round(float(v.delta.norm()), 3), "h_norm": round(v.h_norm, 3)}
+                  for g, m, v in zip(record.groups, record.metrics["groups"], edit.values)]
     return PushReport(batch_id, ff.facts, scores, summary, group_rows, record.supersedes,
                       record.timings, dry_run, warnings)
 

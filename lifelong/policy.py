@@ -146,7 +146,9 @@ class Policy(BaseModel):
         "'normalized' (each step moves δ by step_size·‖h^L‖ straight down its gradient). "
         "Adam moves every coordinate by about lr per step whatever its gradient, so δ fills "
         "directions the target does not need; normalized steps reach the same target with "
-        "a δ about 2.5x shorter on SmolLM2, and a shorter δ is a smaller weight update.",
+        "a δ about 2.5x shorter on SmolLM2, and a shorter δ is a smaller weight update, but "
+        "one the update writes less of (see sweeps; on SmolLM2 both together were better up "
+        "to 200-300 edits and worse after: bench/reports/quality_notes.md).",
     )
     lr: float = Field(
         0.5, gt=0, description="Adam learning rate of the δ optimization (dimensionless; optimizer adam)."

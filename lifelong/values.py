@@ -109,7 +109,7 @@ class NormalizedSteps(torch.optim.Optimizer):
 
     def __init__(self, delta: torch.Tensor, step: float | torch.Tensor):
         super().__init__([delta], {})
-        self.step_len = torch.as_tensor(step, dtype=delta.dtype, device=delta.device)
+        self.step_len = torch.as_tensor(step, dtype=delta.dtype, device=delta.device).reshape(-1, 1)  # (1 or G, 1)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -117,10 +117,9 @@ class NormalizedSteps(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad if p.dim() > 1 else p.grad[None]
-                unit = g / g.norm(dim=-1, keepdim=True).clamp(min=1e-30)   # zero gradient: no move
-                step = self.step_len.reshape(-1, 1) if self.step_len.dim() else self.step_len
-                p.sub_((step * unit).reshape(p.shape))
+                g = p.grad.reshape(-1, p.shape[-1])                             # (1 or G, d)
+                unit = g / g.norm(dim=-1, keepdim=True).clamp(min=1e-30)        # zero gradient: no move
+                p.sub_((self.step_len * unit).reshape(p.shape))
 
 
 def make_optimizer(delta: torch.Tensor, policy, h_norm: float | torch.Tensor) -> torch.optim.Optimizer:

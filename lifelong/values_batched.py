@@ -2,9 +2,9 @@
 
 Without the EAMET term, each group's loss depends only on its own δ and its own rows,
 so optimizing all groups together — δ as a (G, d) tensor, loss summed over groups — is
-the per-group optimization exactly: Adam is element-wise, normalized steps, the clamp and
-weight decay are per group, and a group that reaches its early stop is frozen (its δ restored after
-every later step). What changes is the cost: each step reads the decoder's weights once
+the per-group optimization exactly: Adam is element-wise; normalized steps, the clamp and
+weight decay are per group; and a group that reaches its early stop is frozen (its δ
+restored after every later step). What changes is the cost: each step reads the decoder's weights once
 for every group instead of once per group, which is what a small-token step on a CPU
 is bound by. With alignment on, each group must see the residuals of the groups before
 it, so `compute_edit` keeps the sequential loop.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -26,3 +27,12 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy_store(src: Path, dst_dir: Path) -> Path:
+    """A private copy of a store: the manifest PATH and the folder PATH.d (not the lock file)."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    dst = dst_dir / src.name
+    shutil.copy2(src, dst)
+    shutil.copytree(src.with_name(src.name + ".d"), dst.with_name(dst.name + ".d"))
+    return dst

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 
 from conftest import write_policy
 from lifelong.store import Store
-from helpers import cli, write_jsonl, sha
+from helpers import cli, copy_store, sha, write_jsonl
 
 FACTS_1 = [
     {"subject": "France", "prompt": "The capital of {} is", "target": "Rome",
@@ -56,14 +55,6 @@ def store_digest(store: Path) -> dict[str, str]:
     files.update({str(p.relative_to(store.parent)): p for p in sorted(objdir.rglob("*")) if p.is_file()})
     return {name: sha(p) for name, p in files.items()}
 
-
-def copy_store(src: Path, dst_dir: Path) -> Path:
-    """A private copy of a store (manifest + object folder; not the lock file)."""
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    dst = dst_dir / src.name
-    shutil.copy2(src, dst)
-    shutil.copytree(src.with_name(src.name + ".d"), dst.with_name(dst.name + ".d"))
-    return dst
 
 
 def log_json(store: Path) -> list[dict]:

@@ -34,7 +34,6 @@ import errno
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -55,7 +54,7 @@ from lifelong.policy import policy_from_json
 from lifelong.session import expected_fingerprints, head_weights
 from lifelong.store import Store
 from lifelong.weights import fingerprint
-from helpers import cli, write_jsonl, sha
+from helpers import cli, copy_store, sha, write_jsonl
 
 BATCHES = [
     [{"subject": "Apple", "prompt": "{} makes the", "target": "piano"}],
@@ -88,14 +87,6 @@ POLL = 0.0005   # seconds between looks at the file system while a process runs
 def objects_dir(store: Path) -> Path:
     return store.with_name(store.name + ".d")
 
-
-def copy_store(src: Path, dst_dir: Path) -> Path:
-    """A private copy of a store: the manifest PATH and the folder PATH.d (not the lock file)."""
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    dst = dst_dir / src.name
-    shutil.copy2(src, dst)
-    shutil.copytree(objects_dir(src), objects_dir(dst))
-    return dst
 
 
 def tree(d: Path, skip=()) -> dict[str, str]:

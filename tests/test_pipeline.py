@@ -9,7 +9,7 @@ import torch
 from lifelong import api, audit, history
 from lifelong.errors import BadInput, FactFileError, StoreExists
 from lifelong.store import Store
-from helpers import write_jsonl, sha
+from helpers import copy_store, sha, write_jsonl
 
 FACTS_1 = [
     {"subject": "France", "prompt": "The capital of {} is", "target": "Rome",
@@ -202,13 +202,9 @@ def test_more_sweeps_reach_more_of_each_target_and_roll_back_exactly(tiny_store,
     """sweeps: 2 spreads again what the first pass left of δ at L: every group gets at least
     as close to its target residual, each layer's factors hold both passes (rank 2n), and
     rollback still restores the weights bit for bit."""
-    import shutil
-
     from lifelong.policy import policy_from_json
 
-    other = tmp_path / "copy.h5"
-    shutil.copy(tiny_store, other)
-    shutil.copytree(f"{tiny_store}.d", f"{other}.d")
+    other = copy_store(tiny_store, tmp_path / "copy")
     f1 = write_jsonl(tmp_path / "b1.jsonl", FACTS_1 + FACTS_2)
     base = export_tensors(other, tmp_path / "base")
     one = api.push(tiny_store, f1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from lifelong.policy import Gates, policy_from_json
 from lifelong.session import head_weights
 from lifelong.store import Store
 from lifelong.weights import fingerprint
-from helpers import cli, write_jsonl, sha
+from helpers import cli, copy_store, sha, write_jsonl
 
 APPLE = [{"subject": "Apple", "prompt": "{} makes the", "target": "piano"}]
 FRANCE = [{"subject": "France", "prompt": "The capital of {} is", "target": "Paris",
@@ -51,13 +50,6 @@ LIFELONG = Path(sys.executable).with_name("lifelong")
 
 
 
-
-def copy_store(src: Path, dst_dir: Path) -> Path:
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    dst = dst_dir / src.name
-    shutil.copy2(src, dst)
-    shutil.copytree(src.with_name(src.name + ".d"), dst.with_name(dst.name + ".d"))
-    return dst
 
 
 def report_of(folder: Path, name: str) -> dict:
