@@ -30,6 +30,18 @@ from quality import counterfact_batches, write_batch
 REPORTS = Path(__file__).parent / "reports"
 
 
+ADAM_ERA = "adam lr 1"   # the rows made before the base policy was written down (until 2026-11-24)
+
+
+def describe(pol) -> str:
+    """The settings of a policy that set how values are optimized and written, in a few words."""
+    words = [f"adam lr {pol.lr:g}" if pol.optimizer == "adam" else f"normalized {pol.step_size:g}"]
+    words += [f"min_realized {pol.min_realized:g}"] if pol.min_realized > 0 else []
+    words += [f"rescale_max {pol.rescale_max:g}"] if pol.rescale_max > 1 else []
+    words += [f"sweeps {pol.sweeps}"] if pol.sweeps > 1 else []
+    return ", ".join(words)
+
+
 def fresh_store(work: Path, name: str, init_over: dict) -> Path:
     """A new store for this variant: `init` with the policy's init-time overrides, WikiText corpus."""
     import yaml
@@ -80,16 +92,17 @@ def write_table(results: dict, out: Path) -> None:
     lines = ["# Quick quality reads (SmolLM2-135M, CounterFact dev, batches of 50)", "",
              "`python bench/quality_quick.py NAME [--push JSON] [--init JSON]` per row (see the script's",
              "docstring): bare strict metrics of every live fact, WikiText-2 test drift and model-sampled",
-             "drift. Each row is one run; compare rows at equal edits.", "",
-             "| variant | overrides | edits | efficacy | paraphrase | neighbors unchanged | retention b1 "
+             "drift. Each row is one run; compare rows at equal edits. Overrides are against the",
+             "`smollm2-135m` policy of the time, summed up in the column \"base policy\".", "",
+             "| variant | base policy | overrides | edits | efficacy | paraphrase | neighbors unchanged | retention b1 "
              "| drift WikiText | drift sampled | steps/group | push s/fact |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         over = json.dumps({**r["push"], **r["init"]}) if (r["push"] or r["init"]) else "—"
         for row in r["rows"]:
             if "efficacy" not in row:
                 continue
-            lines.append(f"| {name} | `{over}` | {row['edits']} | {row['efficacy']:.1%} | {row['paraphrase']:.1%} | "
+            lines.append(f"| {name} | {r.get('base', ADAM_ERA)} | `{over}` | {row['edits']} | {row['efficacy']:.1%} | {row['paraphrase']:.1%} | "
                          f"{row['neighbors_unchanged']:.1%} | {row['retention_batch1']:.1%} | "
                          f"{row['drift_wikitext']:+.1%} | {row['drift_sampled']:+.1%} | {row['steps']:.1f} | "
                          f"{row['push_seconds'] / 50:.2f} |")
@@ -114,6 +127,9 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     push_over, init_over = json.loads(args.push), json.loads(args.init)
     store = fresh_store(work, args.name, init_over)
+    from lifelong.policy import find_policy, load_policy
+
+    base = describe(load_policy(find_policy("smollm2-135m")))
     rows, wiki, base_ppl = [], None, {}
     batches = counterfact_batches(50 * args.batches, 50)
     for i, batch in enumerate(batches):
@@ -127,7 +143,7 @@ def main(argv=None) -> None:
         rows.append(row)
         print(args.name, json.dumps(row), flush=True)
         if "efficacy" in row:   # after every measurement: a long run stopped early keeps what it measured
-            save(Path(args.out), args.name, {"push": push_over, "init": init_over, "rows": rows})
+            save(Path(args.out), args.name, {"push": push_over, "init": init_over, "rows": rows, "base": base})
 
 
 def save(out: Path, name: str, entry: dict) -> None:

@@ -256,8 +256,12 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
     for f, s, in zip(ff.facts, scores):
         if not s.efficacy:
             warnings.append(f"line {f.line}: {f.render()!r} does not yet give {f.target!r}")
-    for g, v in zip(groups, edit.values):
-        if not reached_stop(v.nll, v.margin, policy) and v.nll > max(1.0, 20 * policy.early_stop_loss):
+    for g, v, r, w in zip(groups, edit.values, edit.realized, edit.written):
+        if not w:
+            warnings.append(f"group {g.subject!r} left unwritten: its key has no room outside preserved "
+                            f"knowledge and earlier edits (realized {float(r):.0%} < min_realized "
+                            f"{policy.min_realized:g})")
+        elif not reached_stop(v.nll, v.margin, policy) and v.nll > max(1.0, 20 * policy.early_stop_loss):
             warnings.append(f"group {g.subject!r}: optimization ended far from its target (NLL {v.nll:.2f})")
 
     t = time.perf_counter()
@@ -276,8 +280,8 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
         fingerprint_after=after, policy_digest=policy.digest(),
     )
     record.metrics["groups"] = [{"nll_start": round(v.nll_start, 4), "nll": round(v.nll, 4), "steps": v.steps,
-                                 "realized": round(float(r), 4)}
-                                for v, r in zip(edit.values, edit.realized)]   # the report's rows add to these
+                                 "realized": round(float(r), 4), **({} if w else {"written": False})}
+                                for v, r, w in zip(edit.values, edit.realized, edit.written)]   # the report's rows add to these
     if not dry_run:
         tx.add_batch(record, arrays)
     timings["store"] = time.perf_counter() - t

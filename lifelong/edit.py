@@ -48,6 +48,7 @@ class BatchEdit:
     deltas: torch.Tensor                                    # (n, d_model)
     values: list[ValueResult]
     realized: torch.Tensor                                  # (n,) share of each δ the edited model reaches at L
+    written: torch.Tensor                                   # (n,) bool: False for groups left unwritten (min_realized)
     timings: dict = field(default_factory=dict)
 
 
@@ -94,18 +95,54 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     z = h_start + deltas                                              # (n, d_model) targets at L
     timings["values"] = time.perf_counter() - t
 
-    # spread over layers (MEMIT), projected update per layer (AlphaEdit); each further
-    # sweep spreads again what the previous ones left of δ at L
+    # spread over layers (MEMIT), projected update per layer (AlphaEdit). With min_realized
+    # or rescale_max the first pass is a probe: the batch is spread again from the same
+    # start when its shares ask for it.
     t = time.perf_counter()
-    parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {l: [] for l in layers}
+    modules = {l: get_module(model, module_name(policy.module_template, l)) for l in layers}
+    probe = policy.min_realized > 0 or policy.rescale_max > 1
+    start = {l: read_matrix(m) for l, m in modules.items()} if probe else None
+    parts, keys, realized = _spread(current, z, h_start, deltas, None, range(1 if probe else policy.sweeps),
+                                    policy, layer_ctx, modules, log, "first pass: " if probe else "")
+    written = realized >= policy.min_realized if policy.min_realized > 0 else torch.ones_like(realized, dtype=torch.bool)
+    if probe and (policy.rescale_max > 1 or not written.all()):
+        for j in (~written).nonzero().flatten().tolist():
+            log(f"group {groups[j].subject!r} left unwritten: the first pass wrote {float(realized[j]):.0%} "
+                f"of its δ (min_realized {policy.min_realized:g}); its key is held in place")
+        for l, w in start.items():
+            write_matrix(modules[l], w)
+        current = BatchKeys(model, tok, groups, contexts, policy.module_template, layers)
+        z = h_start + deltas * (1 / realized.clamp(min=1e-6)).clamp(min=1.0, max=policy.rescale_max)[:, None]
+        parts, keys, realized = _spread(current, z, h_start, deltas, written, range(policy.sweeps),
+                                        policy, layer_ctx, modules, log, "spread again: ")
+    elif probe and policy.sweeps > 1:                                     # the probe was sweep 1
+        parts, keys, realized = _spread(current, z, h_start, deltas, None, range(1, policy.sweeps),
+                                        policy, layer_ctx, modules, log, "", parts)
+    factors = {l: (torch.cat([a for a, _ in ps], 1), torch.cat([b for _, b in ps], 0)) for l, ps in parts.items()}
+    timings["update"] = time.perf_counter() - t
+    return BatchEdit(factors=factors, keys=keys, bank_keys=bank_keys, deltas=deltas,
+                     values=values, timings=timings, realized=realized, written=written)
+
+
+def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, layer_ctx, modules, log,
+            label: str, parts=None):
+    """Passes (`sweeps`, numbered from 0) over the edited layers toward targets z at L, each
+    spreading what is still missing (MEMIT: the i-th of the remaining layers takes 1/(remaining)
+    of it); groups not `written` get residual 0, which holds their keys' outputs in place.
+    Returns each layer's factors of every pass (appended to `parts`), the last pass's keys
+    and the realized shares of δ after it."""
+    layers = list(policy.layers)
+    parts = parts if parts is not None else {l: [] for l in layers}
     keys = {}
     updated = None
-    for sweep in range(policy.sweeps):
+    for sweep in sweeps:
         for i, layer in enumerate(layers):
             if updated is not None:
                 current.after_update(updated)
             K, cur = current.keys[layer], current.out
             R = (z - cur).t() / (len(layers) - i)                         # (d_model, n)
+            if written is not None:
+                R = R * written.to(R.dtype)[None, :]
             ctx = layer_ctx[layer]
             if ctx.P is not None:
                 A, B = projected_update(R, K.t(), ctx.P, ctx.KpKpT, policy.alpha, ctx.mom2, policy.preserve_weight)
@@ -113,20 +150,17 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
                 A, B = memit_update(R, K.t(), ctx.mom2, policy.mom2_weight)
             check_finite(f"update of layer {layer}", A)
             check_finite(f"update of layer {layer}", B)
-            module = get_module(model, module_name(policy.module_template, layer))
-            write_matrix(module, materialize(read_matrix(module), [(A, B)]))
+            write_matrix(modules[layer], materialize(read_matrix(modules[layer]), [(A, B)]))
             parts[layer].append((A, B))
             keys[layer] = K                                               # the last sweep's keys
             updated = layer
         current.after_update(updated)
         updated = None
         realized = realized_share(current.out - h_start, deltas)
-        log(f"sweep {sweep + 1}: target residuals realized at layer {L}: median "
+        what = label + (f"sweep {sweep + 1}: " if policy.sweeps > 1 else "")
+        log(f"{what}target residuals realized at layer {layers[-1]}: median "
             f"{float(realized.median()):.0%}, lowest {float(realized.min()):.0%}")
-    factors = {l: (torch.cat([a for a, _ in ps], 1), torch.cat([b for _, b in ps], 0)) for l, ps in parts.items()}
-    timings["update"] = time.perf_counter() - t
-    return BatchEdit(factors=factors, keys=keys, bank_keys=bank_keys, deltas=deltas,
-                     values=values, timings=timings, realized=realized)
+    return parts, keys, realized
 
 
 def realized_share(moved: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:

@@ -147,8 +147,8 @@ class Policy(BaseModel):
         "Adam moves every coordinate by about lr per step whatever its gradient, so δ fills "
         "directions the target does not need; normalized steps reach the same target with "
         "a δ about 2.5x shorter on SmolLM2, and a shorter δ is a smaller weight update, but "
-        "one the update writes less of (see sweeps; on SmolLM2 both together were better up "
-        "to 200-300 edits and worse after: bench/reports/quality_notes.md).",
+        "one the update writes less of: pair it with rescale_max and min_realized (the "
+        "SmolLM2 policy does; bench/reports/quality_notes.md).",
     )
     lr: float = Field(
         0.5, gt=0, description="Adam learning rate of the δ optimization (dimensionless; optimizer adam)."
@@ -249,6 +249,24 @@ class Policy(BaseModel):
         "group's δ over the layers (MEMIT); the closed-form solve reaches only part of it "
         "(α, the projection, earlier edits' keys), and each further pass spreads again what "
         "is still missing at L. 1: MEMIT/AlphaEdit as published.",
+    )
+    min_realized: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Groups whose first spreading pass writes less than this share of their δ "
+        "at L are left unwritten (ratio; 0 = off): their keys have almost no room outside "
+        "preserved knowledge and earlier edits (a subject such as 'France'), and forcing "
+        "them through costs more than the batch's other groups together. The batch is spread "
+        "again with their keys held in place; push warns about each.",
+    )
+    rescale_max: float = Field(
+        1.0,
+        ge=1,
+        description="With > 1, the batch is spread a second time with each group's δ divided "
+        "by the share the first pass wrote of it, by at most this factor (ratio; 1 = off): a "
+        "just-long-enough δ (optimizer normalized) then holds once written, without the "
+        "remainder-chasing of further sweeps.",
     )
     nullspace_threshold: float = Field(
         2e-2,

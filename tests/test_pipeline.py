@@ -24,10 +24,6 @@ FACTS_3 = [
 ]
 
 
-
-
-
-
 def export_tensors(store, out: Path, at=None) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -222,3 +218,53 @@ def test_more_sweeps_reach_more_of_each_target_and_roll_back_exactly(tiny_store,
     api.rollback(other, 0)
     again = export_tensors(other, tmp_path / "again")
     assert all(torch.equal(base[k], again[k]) for k in base)
+
+
+def test_groups_without_room_are_left_unwritten_and_held(tiny_store, tmp_path):
+    """min_realized: a group the first pass writes too little of gets no residual in the
+    second spreading (its factor columns are zero, its key held in place), the others are
+    written, push warns and the record says so; rollback stays bit-exact."""
+    from lifelong.policy import policy_from_json
+
+    other = copy_store(tiny_store, tmp_path / "copy")
+    f1 = write_jsonl(tmp_path / "b1.jsonl", FACTS_1 + FACTS_2)
+    base = export_tensors(other, tmp_path / "base")
+    shares = sorted(g["realized"] for g in api.push(tiny_store, f1).groups)
+    assert shares[0] < shares[1]
+    floor = (shares[0] + shares[1]) / 2
+    rep = api.push(other, f1, policy_overrides={"min_realized": floor})
+    held = [i for i, g in enumerate(rep.groups) if g.get("written") is False]
+    assert len(held) == 1 and rep.groups[held[0]]["realized"] < shares[0]
+    assert any(f"{rep.groups[held[0]]['subject']!r} left unwritten" in w for w in rep.warnings)
+    st = Store.open(other)
+    assert st.records[0].metrics["groups"][held[0]]["written"] is False
+    layers = policy_from_json(st.policy_json).layers
+    arrays = st.batch_arrays(st.records[0].id, [f"layer{l}/A" for l in layers])
+    for l in layers:
+        A = arrays[f"layer{l}/A"]
+        assert A.shape[1] == len(rep.groups)
+        assert not A[:, held[0]].any() and all(A[:, j].any() for j in range(A.shape[1]) if j != held[0])
+    api.rollback(other, 0)
+    again = export_tensors(other, tmp_path / "again")
+    assert all(torch.equal(base[k], again[k]) for k in base)
+
+
+def test_rescale_spreads_each_value_by_what_the_first_pass_missed(tiny_store, tmp_path):
+    """rescale_max: the batch is spread again with each δ divided by the share the first
+    pass wrote, so groups written partly get closer to all of their δ; the values are the
+    same and the factors are the second spreading's alone (rank n)."""
+    from lifelong.policy import policy_from_json
+
+    other = copy_store(tiny_store, tmp_path / "copy")
+    f1 = write_jsonl(tmp_path / "b1.jsonl", FACTS_1 + FACTS_2)
+    one = api.push(tiny_store, f1)
+    two = api.push(other, f1, policy_overrides={"rescale_max": 4.0})
+    assert min(g["realized"] for g in one.groups) < 0.95        # something left to write
+    for g1, g2 in zip(one.groups, two.groups):
+        assert g1["nll"] == g2["nll"]
+        if g1["realized"] < 0.95:
+            assert g2["realized"] > g1["realized"]
+    st = Store.open(other)
+    layers = policy_from_json(st.policy_json).layers
+    arrays = st.batch_arrays(st.records[0].id, [f"layer{l}/A" for l in layers])
+    assert [arrays[f"layer{l}/A"].shape[1] for l in layers] == [len(two.groups)] * len(layers)
