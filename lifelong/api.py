@@ -37,6 +37,7 @@ DEFAULT_STORE = Path("stores") / "default.h5"
 HELDOUT_SEQS, HELDOUT_LEN = 16, 64          # model-sampled held-out text
 HELDOUT_FILE_TOKENS = 4096                  # from a --heldout file, in SEQ_LEN chunks
 SEQ_LEN = 128
+UNITS = "units/group"   # a batch's array: the group of each write unit (fact), one row of K per unit
 
 
 def store_path(path: str | os.PathLike | None) -> Path:
@@ -174,9 +175,10 @@ def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device
     bank_k, bank_d, refs = [], [], []
     for b, gs in sorted(by_batch.items()):
         names = [layer_key(l, "K") for l in policy.layers] + ["bank/keys", "bank/deltas"]
-        arr = store.batch_arrays(b, names)
+        arr = store.batch_arrays(b, names, optional=(UNITS,))
+        rows = np.isin(arr[UNITS], gs) if UNITS in arr else gs           # stored before units: a key per group
         for l in policy.layers:
-            kp[l].append(arr[layer_key(l, "K")][gs])
+            kp[l].append(arr[layer_key(l, "K")][rows])
         bank_k.append(arr["bank/keys"][gs])
         bank_d.append(arr["bank/deltas"][gs])
         refs.extend((b, g) for g in gs)
@@ -189,7 +191,7 @@ def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device
         ctx[l] = LayerContext(
             P=torch.from_numpy(base[layer_key(l, "P")]).to(device) if policy.project else None,
             mom2=torch.from_numpy(base[layer_key(l, "mom2")]).to(device) if mom2 else None,
-            KpKpT=KpKpT if policy.project else None,
+            KpKpT=KpKpT if policy.project or policy.hold_earlier else None,
         )
     bank = ResidualBank.empty(base[layer_key(policy.layers[-1], need[0])].shape[0], d_model)
     if bank_k:
@@ -266,7 +268,8 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
 
     t = time.perf_counter()
     after = {str(l): fingerprint(w) for l, w in session.current().items()}
-    arrays = {"bank/keys": edit.bank_keys.cpu().numpy(), "bank/deltas": edit.deltas.cpu().numpy()}
+    arrays = {"bank/keys": edit.bank_keys.cpu().numpy(), "bank/deltas": edit.deltas.cpu().numpy(),
+              UNITS: edit.unit_group.cpu().numpy()}
     for l, (A, B) in edit.factors.items():
         arrays[layer_key(l, "A")] = A.cpu().numpy()
         arrays[layer_key(l, "B")] = B.cpu().numpy()

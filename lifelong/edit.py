@@ -14,7 +14,7 @@ import torch
 
 from .alignment import ResidualBank
 from .facts import Fact
-from .keys import BatchKeys
+from .keys import BatchKeys, write_units
 from .trace import layer_name
 from .update import memit_update, projected_update
 from .values import ValueResult, reached_stop
@@ -37,13 +37,14 @@ class LayerContext:
 
     P: torch.Tensor | None          # (d_in, d_in) projector (None: projection off)
     mom2: torch.Tensor | None       # (d_in, d_in) E[kkᵀ]: MEMIT update, or projected with preserve_weight
-    KpKpT: torch.Tensor | None      # (d_in, d_in) Σ k kᵀ over live earlier groups
+    KpKpT: torch.Tensor | None      # (d_in, d_in) Σ k kᵀ over live earlier groups (projected, or hold_earlier)
 
 
 @dataclass
 class BatchEdit:
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (A (d_out, n), B (n, d_in))
-    keys: dict[int, torch.Tensor]                           # layer -> (n, d_in)
+    keys: dict[int, torch.Tensor]                           # layer -> (u, d_in), one per write unit (fact)
+    unit_group: torch.Tensor                                # (u,) the group of each write unit
     bank_keys: torch.Tensor                                 # (n, d_in) key at L before the edit
     deltas: torch.Tensor                                    # (n, d_model)
     values: list[ValueResult]
@@ -68,7 +69,8 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
 
     t = time.perf_counter()
     current = BatchKeys(model, tok, groups, contexts, policy.module_template, layers)
-    bank_keys, h_start = current.keys[L], current.out
+    ug = write_units(groups)                                          # (u,) group of each unit (fact)
+    bank_keys, h_start = group_mean(current.keys[L], ug, len(groups)), current.out
     timings["keys"] = time.perf_counter() - t
 
     # values, one group after another, each aligned to the bank as it grows
@@ -92,7 +94,8 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
         log(f"value {gi + 1}/{len(groups)} {g.subject!r}: nll {res.nll_start:.2f} -> {res.nll:.3f} "
             f"in {res.steps} steps, {res.seconds:.1f}s")
     deltas = torch.stack([v.delta.float().cpu() for v in values])   # (n, d_model)
-    z = h_start + deltas                                              # (n, d_model) targets at L
+    du = deltas[ug]                                                   # (u, d_model): a group's δ for each of its facts
+    z = h_start + du                                                  # (u, d_model) targets at L
     timings["values"] = time.perf_counter() - t
 
     # spread over layers (MEMIT), projected update per layer (AlphaEdit). With min_realized
@@ -102,33 +105,46 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     modules = {l: get_module(model, module_name(policy.module_template, l)) for l in layers}
     probe = policy.min_realized > 0 or policy.rescale_max > 1
     start = {l: read_matrix(m) for l, m in modules.items()} if probe else None
-    parts, keys, realized = _spread(current, z, h_start, deltas, None, range(1 if probe else policy.sweeps),
+    parts, keys, realized = _spread(current, z, h_start, du, None, range(1 if probe else policy.sweeps),
                                     policy, layer_ctx, modules, log, "first pass: " if probe else "")
     written = realized >= policy.min_realized if policy.min_realized > 0 else torch.ones_like(realized, dtype=torch.bool)
     if probe and (policy.rescale_max > 1 or not written.all()):
         for j in (~written).nonzero().flatten().tolist():
-            log(f"group {groups[j].subject!r} left unwritten: the first pass wrote {float(realized[j]):.0%} "
+            g = groups[int(ug[j])]
+            what = f"group {g.subject!r}" if len(g.facts) == 1 else \
+                f"fact {g.facts[j - int((ug < ug[j]).sum())].render()!r} of group {g.subject!r}"
+            log(f"{what} left unwritten: the first pass wrote {float(realized[j]):.0%} "
                 f"of its δ (min_realized {policy.min_realized:g}); its key is held in place")
         for l, w in start.items():
             write_matrix(modules[l], w)
         current = BatchKeys(model, tok, groups, contexts, policy.module_template, layers)
-        z = h_start + deltas * (1 / realized.clamp(min=1e-6)).clamp(min=1.0, max=policy.rescale_max)[:, None]
-        parts, keys, realized = _spread(current, z, h_start, deltas, written, range(policy.sweeps),
+        z = h_start + du * (1 / realized.clamp(min=1e-6)).clamp(min=1.0, max=policy.rescale_max)[:, None]
+        parts, keys, realized = _spread(current, z, h_start, du, written, range(policy.sweeps),
                                         policy, layer_ctx, modules, log, "spread again: ")
     elif probe and policy.sweeps > 1:                                     # the probe was sweep 1
-        parts, keys, realized = _spread(current, z, h_start, deltas, None, range(1, policy.sweeps),
+        parts, keys, realized = _spread(current, z, h_start, du, None, range(1, policy.sweeps),
                                         policy, layer_ctx, modules, log, "", parts)
     factors = {l: (torch.cat([a for a, _ in ps], 1), torch.cat([b for _, b in ps], 0)) for l, ps in parts.items()}
     timings["update"] = time.perf_counter() - t
-    return BatchEdit(factors=factors, keys=keys, bank_keys=bank_keys, deltas=deltas,
-                     values=values, timings=timings, realized=realized, written=written)
+    n = len(groups)
+    return BatchEdit(factors=factors, keys=keys, unit_group=ug, bank_keys=bank_keys, deltas=deltas,
+                     values=values, timings=timings, realized=group_mean(realized[:, None], ug, n)[:, 0],
+                     written=group_mean(written.double()[:, None], ug, n)[:, 0] > 0)
+
+
+def group_mean(x: torch.Tensor, unit_group: torch.Tensor, n: int) -> torch.Tensor:
+    """(u, d) per write unit -> (n, d) mean over each group's units."""
+    total = torch.zeros(n, x.shape[1], dtype=x.dtype).index_add_(0, unit_group, x)
+    count = torch.zeros(n, dtype=x.dtype).index_add_(0, unit_group, torch.ones(len(unit_group), dtype=x.dtype))
+    return total / count[:, None]
 
 
 def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, layer_ctx, modules, log,
             label: str, parts=None):
     """Passes (`sweeps`, numbered from 0) over the edited layers toward targets z at L, each
     spreading what is still missing (MEMIT: the i-th of the remaining layers takes 1/(remaining)
-    of it); groups not `written` get residual 0, which holds their keys' outputs in place.
+    of it), per write unit; units not `written` get residual 0, which holds their keys' outputs
+    in place.
     Returns each layer's factors of every pass (appended to `parts`), the last pass's keys
     and the realized shares of δ after it."""
     layers = list(policy.layers)
@@ -147,7 +163,7 @@ def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, lay
             if ctx.P is not None:
                 A, B = projected_update(R, K.t(), ctx.P, ctx.KpKpT, policy.alpha, ctx.mom2, policy.preserve_weight)
             else:
-                A, B = memit_update(R, K.t(), ctx.mom2, policy.mom2_weight)
+                A, B = memit_update(R, K.t(), ctx.mom2, policy.mom2_weight, ctx.KpKpT)
             check_finite(f"update of layer {layer}", A)
             check_finite(f"update of layer {layer}", B)
             write_matrix(modules[layer], materialize(read_matrix(modules[layer]), [(A, B)]))

@@ -38,30 +38,42 @@ class _Part:
     inputs: torch.Tensor | None = None   # (n, T, d) input of the decoder layer the next pass starts at
 
 
+def write_units(groups) -> torch.Tensor:
+    """The group of each write unit: one unit per fact of every group. A merged group's facts
+    share one δ but not one key: the words before the subject, and how the subject splits into
+    tokens at the start of a prompt ("Athens, ..." is 'At'+'hens', "... of Athens" one token),
+    give each fact's prompt its own key, and a mean over them writes δ fully at none."""
+    return torch.tensor([gi for gi, g in enumerate(groups) for _ in g.facts], dtype=torch.long)
+
+
 def _rows_for(tok, groups, contexts: list[str]):
-    """Prompt rows ending at the last subject token: every fact × context of every group."""
+    """Prompt rows ending at the last subject token: every fact × context of every group,
+    each owned by its write unit (the fact)."""
     rows, owner, is_bare = [], [], []
-    for gi, g in enumerate(groups):
+    unit = 0
+    for g in groups:
         for fact in g.facts:
             for ci, ctx in enumerate(contexts):
                 r = make_row(tok, ctx, fact.prompt, fact.subject, None)
                 if r.subject_pos < 0:
                     raise EditFailed(f"could not locate the subject's last token in {fact.render()!r}")
                 rows.append(Row(r.ids[: r.subject_pos + 1], r.subject_pos + 1, r.subject_pos))
-                owner.append(gi)
+                owner.append(unit)
                 is_bare.append(ci == 0)
+            unit += 1
     return rows, owner, is_bare
 
 
 class BatchKeys:
-    """keys[l]: (n_groups, d_in) mean key at edited layer l; out: (n_groups, d_model) mean
-    h^L at the subject; both for the model's current weights once `after_update` was
-    called for each layer updated since construction."""
+    """keys[l]: (n_units, d_in) mean key at edited layer l over each write unit's contexts;
+    out: (n_units, d_model) h^L at the subject of each unit's bare prompt; both for the
+    model's current weights once `after_update` was called for each layer updated since
+    construction. Units are the groups' facts in order (`write_units`)."""
 
     def __init__(self, model, tok, groups, contexts: list[str], template: str, layers: list[int],
                  batch: int = 64):
         self.model, self.template, self.layers = model, template, list(layers)
-        self.n = len(groups)
+        self.n = sum(len(g.facts) for g in groups)                         # write units
         device = next(model.parameters()).device
         rows, owner, is_bare = _rows_for(tok, groups, contexts)
         self.parts = []
@@ -139,7 +151,7 @@ class BatchKeys:
         self.out = out_sum / self._count(True)[:, None]
 
     def _count(self, bare: bool | None) -> torch.Tensor:
-        """Rows per group: all of them (None) or the bare-prompt ones (True)."""
+        """Rows per unit: all of them (None) or the bare-prompt ones (True)."""
         own = torch.cat([p.owner if bare is None else p.owner[p.bare] for p in self.parts])
         return torch.zeros(self.n).index_add_(0, own, torch.ones(len(own)))
 

@@ -140,6 +140,13 @@ class Policy(BaseModel):
     steps: int = Field(
         25, ge=1, description="Maximum optimization steps of the residual δ per group (count)."
     )
+    merged_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Optimization steps of a group of several facts (one subject's merged value): "
+        "its δ must serve every fact at once and needs a longer path, which normalized steps "
+        "walk at a fixed pace. None = steps.",
+    )
     optimizer: Literal["adam", "normalized"] = Field(
         "adam",
         description="How δ steps: 'adam' (MEMIT/AlphaEdit: Adam with learning rate lr), or "
@@ -229,6 +236,13 @@ class Policy(BaseModel):
         description="λ of the MEMIT-style update (used when project is off): weight of the mean "
         "second moment E[kkᵀ] of preserved keys (dimensionless; multiplies a mean, not a sum).",
     )
+    hold_earlier: bool = Field(
+        False,
+        description="MEMIT-style update (project off): earlier edits' keys enter its solve too, "
+        "Σ k_p k_pᵀ as in AlphaEdit, so their outputs are held in place; with a small mom2_weight "
+        "the update then writes each residual almost exactly at the least change of preserved "
+        "keys' outputs. Off = MEMIT as published.",
+    )
     preserve_weight: float = Field(
         0.0,
         ge=0,
@@ -317,6 +331,10 @@ class Policy(BaseModel):
         return self
 
     # -- derived values -------------------------------------------------------------
+
+    def step_budget(self, n_facts: int) -> int:
+        """Optimization steps of a group of n_facts facts."""
+        return self.merged_steps if n_facts > 1 and self.merged_steps is not None else self.steps
 
     @property
     def n_contexts(self) -> int:

@@ -310,7 +310,8 @@ def _write_arrays(final: Path, arrays: dict[str, np.ndarray], facts_json: str | 
         raise
 
 
-def _read_arrays(file: Path, names: list[str] | None, what: str) -> dict[str, np.ndarray]:
+def _read_arrays(file: Path, names: list[str] | None, what: str,
+                 optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     if not file.is_file():
         raise StoreError(f"{what}: object file {file} is missing; the store is damaged",
                          hint="restore the store (manifest and its .d folder) from a backup")
@@ -323,7 +324,9 @@ def _read_arrays(file: Path, names: list[str] | None, what: str) -> dict[str, np
             missing = [n for n in names if not isinstance(f.get(n), h5py.Dataset)]
             if missing:
                 raise StoreError(f"{what}: no array(s) {missing} in {file.name}")
-            return {n: np.asarray(f[n][()]) for n in names}
+            got = {n: np.asarray(f[n][()]) for n in names}
+            got.update({n: np.asarray(f[n][()]) for n in optional if isinstance(f.get(n), h5py.Dataset)})
+            return got
     except StoreError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as e:
@@ -521,10 +524,12 @@ class Store:
         """Arrays written at create (all, or those named)."""
         return _read_arrays(self.objects_dir / "base.h5", names, f"store {self.path}, base arrays")
 
-    def batch_arrays(self, batch_id: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Arrays of one batch (all, or those named). StoreError if the batch or file is missing."""
+    def batch_arrays(self, batch_id: int, names: list[str] | None = None,
+                     optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """Arrays of one batch (all, or those named, plus those of `optional` it has).
+        StoreError if the batch or file is missing, or a named array is."""
         self._check_batch(batch_id)
-        return _read_arrays(self.batch_file(batch_id), names, f"store {self.path}, batch {batch_id}")
+        return _read_arrays(self.batch_file(batch_id), names, f"store {self.path}, batch {batch_id}", optional)
 
     def _check_batch(self, batch_id: int) -> None:
         last = self._snap.last_id()  # ids are 1..last: never reused, records never removed

@@ -4,7 +4,9 @@ AlphaEdit (seed 002): Δᵀ = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K Rᵀ, which 
 argmin over X = XP of ‖XK − R‖² + ‖XK_p‖² + α‖X‖²: keys in C₀'s dominant directions
 (P k ≈ 0) keep their outputs, and earlier edits' keys K_p are held in place. The policy's
 preserve_weight λ_p adds λ_p·P·C₀ (0: as published).
-MEMIT (projection off): Δ = R Kᵀ (λC₀ + KKᵀ)⁻¹.
+MEMIT (projection off): Δ = R Kᵀ (λC₀ + KKᵀ)⁻¹; with the policy's hold_earlier,
+Δ = R Kᵀ (λC₀ + KKᵀ + K_pK_pᵀ)⁻¹, whose limit for small λ is the update that writes R
+exactly, holds K_p exactly and changes the preserved keys' outputs least, tr(Δ C₀ Δᵀ).
 Both have rank ≤ n (the batch's group count): A = R (d_out, n), B (n, d_in).
 """
 from __future__ import annotations
@@ -36,10 +38,13 @@ def projected_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
 
 
 def memit_update(R: torch.Tensor, K: torch.Tensor, mom2: torch.Tensor,
-                 weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEMIT factors against the mean second moment C₀ with ridge weight λ."""
+                 weight: float, KpKpT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT factors against the mean second moment C₀ with ridge weight λ; with KpKpT,
+    earlier edits' keys enter the solve too and are held in place."""
     K64 = K.to(mom2.device, torch.float64)
     M = weight * mom2.to(torch.float64) + K64 @ K64.t()              # (d_in, d_in)
+    if KpKpT is not None:
+        M = M + KpKpT.to(mom2.device, torch.float64)
     X = _solve(M, K64)                                               # (d_in, n)
     return R.to(torch.float32).clone(), X.t().to(torch.float32).contiguous()
 

@@ -148,7 +148,7 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
     """
     device = delta.device
     nll_start, steps, nll_val, margin_val = None, 0, float("nan"), float("nan")
-    for step in range(policy.steps):
+    for step in range(policy.step_budget(len(fact_rows) // n_ctx)):
         tok_logp, ess_logp, margin = forward()
         if step == 0 and check_first is not None:
             check_first(tok_logp.detach(), ess_logp.detach())

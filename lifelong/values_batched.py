@@ -77,7 +77,8 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
     nll_start = nll_last = None
     view, groups_in_view = fwd, torch.arange(G, device=device)
     passes = forwards = 0
-    for step in range(policy.steps):
+    budget = torch.tensor([policy.step_budget(len(f)) for f in groups], device=device)   # (G,)
+    for step in range(int(budget.max())):
         if len(groups_in_view) != int(active.sum()):  # some groups stopped: compute only the rest
             groups_in_view = active.nonzero()[:, 0]
             view = fwd.select(torch.isin(row_group_all, groups_in_view).nonzero()[:, 0])
@@ -107,7 +108,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
         margin_last[active.cpu()] = margin_now[active.cpu()]
         stop = torch.tensor([reached_stop(float(n), float(m), policy) for n, m in zip(nll_now, margin_now)],
                             device=device)
-        active = active & ~stop
+        active = active & ~stop & (steps.to(device) < budget)
         if not bool(active.any()):
             break
         kl = torch.zeros(G, device=device).index_copy(

@@ -25,11 +25,12 @@ LAYERS = [0, 1, 2]
 
 
 def whole_passes(model, tok, template: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean key at `layer` and mean h^L (bare prompts) per group, one full prompt at a time."""
+    """Mean key at `layer` over contexts and h^L of the bare prompt per write unit (fact),
+    one full prompt at a time."""
     keys_, outs = [], []
     for g in GROUPS:
-        k, h = [], []
         for fact in g.facts:
+            k = []
             for ci, ctx in enumerate(CONTEXTS):
                 row = make_row(tok, ctx, fact.prompt, fact.subject, None)
                 got = {}
@@ -40,10 +41,13 @@ def whole_passes(model, tok, template: str, layer: int) -> tuple[torch.Tensor, t
                     model(input_ids=torch.tensor([row.ids]))
                 k.append(got["k"])
                 if ci == 0:
-                    h.append(got["h"])
-        keys_.append(torch.stack(k).mean(0))
-        outs.append(torch.stack(h).mean(0))
+                    outs.append(got["h"])
+            keys_.append(torch.stack(k).mean(0))
     return torch.stack(keys_), torch.stack(outs)
+
+
+def test_a_merged_group_writes_one_unit_per_fact():
+    assert keys.write_units(GROUPS).tolist() == [0, 0, 1, 2]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

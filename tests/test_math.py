@@ -122,6 +122,32 @@ def test_memit_update_solves_its_normal_equations():
     assert torch.allclose(lhs, R.double() @ K.double().t(), atol=1e-4)
 
 
+def test_memit_holding_earlier_keys_approaches_the_least_leak_exact_write():
+    """hold_earlier: K_pK_pᵀ in MEMIT's solve. For a small λ the update writes R on K, keeps
+    K_p's outputs, and among all such updates changes preserved outputs least: its limit is
+    Δ* = R̃ (K̃ᵀC₀⁻¹K̃)⁻¹ K̃ᵀC₀⁻¹ with K̃ = [K, K_p], R̃ = [R, 0]."""
+    g = torch.Generator().manual_seed(6)
+    basis = torch.linalg.qr(torch.randn(D_IN, D_IN, generator=g, dtype=torch.float64))[0]
+    mom2 = basis @ torch.diag(torch.logspace(1, -3, D_IN, dtype=torch.float64)) @ basis.t()
+    K, Kp = torch.randn(D_IN, 4, generator=g), torch.randn(D_IN, 5, generator=g)
+    R = torch.randn(D_OUT, 4, generator=g)
+    A, B = memit_update(R, K, mom2, 1e-6, Kp.double() @ Kp.double().t())
+    delta = A.double() @ B.double()
+    assert torch.allclose(delta @ K.double(), R.double(), atol=1e-4)                 # written
+    assert (delta @ Kp.double()).norm() < 1e-4 * R.norm()                            # held
+    Kt = torch.cat([K, Kp], 1).double()
+    Rt = torch.cat([R.double(), torch.zeros(D_OUT, 5, dtype=torch.float64)], 1)
+    Ci = torch.linalg.inv(mom2)
+    least = Rt @ torch.linalg.solve(Kt.t() @ Ci @ Kt, Kt.t() @ Ci)
+    assert torch.allclose(delta, least, atol=1e-4), (delta - least).abs().max()
+    leak = lambda d: float(torch.trace(d @ mom2 @ d.t()))
+    other = least + torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64) @ (  # also writes R, holds K_p
+        torch.eye(D_IN, dtype=torch.float64) - Kt @ torch.linalg.pinv(Kt)) * 0.1
+    assert torch.allclose(other @ Kt, Rt, atol=1e-6) and leak(other) > leak(least)
+    without = memit_update(R, K, mom2, 1e-6)
+    assert ((without[0] @ without[1]).double() @ Kp.double()).norm() > 0.1 * R.norm()  # MEMIT as published moves K_p
+
+
 def test_materialize_is_the_float64_sum_rounded_once():
     g = torch.Generator().manual_seed(5)
     base = torch.randn(D_OUT, D_IN, generator=g)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,3 +269,53 @@ def test_rescale_spreads_each_value_by_what_the_first_pass_missed(tiny_store, tm
     layers = policy_from_json(st.policy_json).layers
     arrays = st.batch_arrays(st.records[0].id, [f"layer{l}/A" for l in layers])
     assert [arrays[f"layer{l}/A"].shape[1] for l in layers] == [len(two.groups)] * len(layers)
+
+
+def test_memit_update_holds_earlier_edits_with_hold_earlier(tiny_store, tmp_path):
+    """project off, hold_earlier: the second batch's update leaves the first batch's keys'
+    outputs in place at every layer; MEMIT as published (hold_earlier off) moves them."""
+    from lifelong.policy import policy_from_json
+
+    other = copy_store(tiny_store, tmp_path / "copy")
+    f1, f2 = write_jsonl(tmp_path / "b1.jsonl", FACTS_1), write_jsonl(tmp_path / "b2.jsonl", FACTS_2)
+    moved = {}
+    for store, hold in ((tiny_store, True), (other, False)):
+        over = {"project": False, "mom2_weight": 1e-3, "hold_earlier": hold}
+        api.push(store, f1, policy_overrides=over)
+        api.push(store, f2, policy_overrides=over)
+        st = Store.open(store)
+        layers = policy_from_json(st.policy_json).layers
+        b1, b2 = (st.batch_arrays(r.id) for r in st.records)
+        moved[hold] = max(
+            float(np.linalg.norm(b2[f"layer{l}/A"] @ b2[f"layer{l}/B"] @ b1[f"layer{l}/K"].T)
+                  / np.linalg.norm(b2[f"layer{l}/A"]))
+            for l in layers)
+    assert moved[True] < 1e-3 < 0.1 * moved[False], moved
+
+
+def test_a_merged_value_is_written_at_each_of_its_facts_keys(tiny_store, tmp_path):
+    """A merged group has one δ but a key per fact (the words before the subject differ):
+    the batch stores a row of K and a factor column per fact, each fact's bare prompt gets
+    its δ at L, and the next batch holds every one of those keys in K_p."""
+    from lifelong.edit import LayerContext
+    from lifelong.policy import policy_from_json
+
+    two = [{"subject": "Brazil", "prompt": "The official language of {} is", "target": "Dutch"},
+           {"subject": "Brazil", "prompt": "Everyone knows that {} has the capital", "target": "Oslo"},
+           {"subject": "Apple", "prompt": "{} makes the", "target": "piano"}]
+    rep = api.push(tiny_store, write_jsonl(tmp_path / "b1.jsonl", two), policy_overrides={"merged_steps": 3})
+    assert [g["facts"] for g in rep.groups] == [[(1, 0), (1, 1)], [(1, 2)]]
+    assert rep.groups[0]["steps"] <= 3 < rep.groups[1]["steps"] or rep.groups[1]["nll"] < 0.05
+    st = Store.open(tiny_store)
+    layers = policy_from_json(st.policy_json).layers
+    arrays = st.batch_arrays(1)
+    assert arrays[api.UNITS].tolist() == [0, 0, 1]
+    for l in layers:
+        assert arrays[f"layer{l}/K"].shape[0] == arrays[f"layer{l}/A"].shape[1] == 3
+        assert not np.allclose(arrays[f"layer{l}/K"][0], arrays[f"layer{l}/K"][1])   # two keys, one subject
+    pol = policy_from_json(st.policy_json)
+    ctx, bank = api.protection(st, pol, history.live_groups(st.records), "cpu", arrays["bank/deltas"].shape[1])
+    for l in layers:
+        K = torch.from_numpy(arrays[f"layer{l}/K"]).double()
+        assert torch.allclose(ctx[l].KpKpT, K.t() @ K, rtol=1e-4, atol=1e-4)           # all three held
+    assert len(bank) == 2                                                              # the bank: one per group

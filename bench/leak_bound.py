@@ -1,0 +1,83 @@
+"""How much of an edit's damage to preserved knowledge the update rule could have avoided.
+
+For each active batch of a store and each edited layer, from the stored factors Δ = A·B,
+keys K and the base statistics C₀ = E[k₀k₀ᵀ]:
+  leak      tr(Δ C₀ Δᵀ): the mean squared change of the layer's output on preserved keys
+  least     the least leak of any Δ' that writes what Δ wrote on K (Δ'K = ΔK) and leaves
+            every earlier batch's keys K_p where they were (Δ'K_p = 0):
+            tr(R̃ (K̃ᵀC₀⁻¹K̃)⁻¹ R̃ᵀ) with K̃ = [K, K_p], R̃ = [ΔK, 0] (a 1e-6 ridge on the Gram)
+  moved     ‖Δ K_p‖²: how far this batch moved the outputs of earlier batches' keys
+Summed over layers. K_p is the keys of every earlier active batch's groups, less those a
+merged group of a later batch replaced.
+
+    python bench/leak_bound.py bench/work/quality_quick/ngd08-r30x2.h5 [--out FILE.md]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lifelong.policy import policy_from_json  # noqa: E402
+from lifelong.store import Store  # noqa: E402
+
+
+def least_leak(R: torch.Tensor, K: torch.Tensor, C_inv: torch.Tensor) -> float:
+    """min tr(Δ C₀ Δᵀ) subject to Δ K = R, for K (d_in, n) and R (d_out, n)."""
+    G = K.t() @ C_inv @ K
+    G = G + 1e-6 * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype)
+    return float(torch.trace(R @ torch.linalg.solve(G, R.t())))
+
+
+def rows(store: Store) -> list[tuple[int, float, float, float]]:
+    layers = policy_from_json(store.policy_json).layers
+    base = store.base_arrays([f"layer{l}/mom2" for l in layers])
+    C = {l: torch.from_numpy(base[f"layer{l}/mom2"]).double() for l in layers}
+    C_inv = {l: torch.linalg.inv(C[l]) for l in layers}
+    held: dict[tuple[int, int], dict[int, torch.Tensor]] = {}     # (batch, group) -> layer -> keys (d_in, k)
+    out = []
+    for rec in store.records:
+        if rec.status != "active":
+            continue
+        arr = store.batch_arrays(rec.id, [f"layer{l}/{x}" for l in layers for x in "ABK"], optional=("units/group",))
+        for g in rec.groups:
+            for ref in g.replaces:
+                held.pop(tuple(ref), None)
+        unit_group = arr.get("units/group", torch.arange(len(rec.groups)).numpy())
+        leak = least = moved = 0.0
+        for l in layers:
+            D = torch.from_numpy(arr[f"layer{l}/A"]).double() @ torch.from_numpy(arr[f"layer{l}/B"]).double()
+            K = torch.from_numpy(arr[f"layer{l}/K"]).double().t()
+            Kp = torch.cat([torch.zeros(K.shape[0], 0, dtype=torch.float64)] + [h[l] for h in held.values()], 1)
+            leak += float(torch.trace(D @ C[l] @ D.t()))
+            Rt = torch.cat([D @ K, torch.zeros(D.shape[0], Kp.shape[1], dtype=torch.float64)], 1)
+            least += least_leak(Rt, torch.cat([K, Kp], 1), C_inv[l])
+            moved += float((D @ Kp).pow(2).sum())
+        for gi in range(len(rec.groups)):
+            held[(rec.id, gi)] = {l: torch.from_numpy(arr[f"layer{l}/K"][unit_group == gi]).double().t() for l in layers}
+        out.append((rec.id, leak, least, moved))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("store")
+    ap.add_argument("--out", default=None, help="append the table to this markdown file")
+    args = ap.parse_args(argv)
+    table = ["| batch | leak tr(ΔC₀Δᵀ) | least possible | ratio | earlier keys moved ‖ΔK_p‖² |",
+             "|---:|---:|---:|---:|---:|"]
+    for b, leak, least, moved in rows(Store.open(args.store)):
+        table.append(f"| {b} | {leak:.1f} | {least:.1f} | {leak / least:.2f} | {moved:.1f} |")
+    text = f"`python bench/leak_bound.py {args.store}`\n\n" + "\n".join(table) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
