@@ -11,8 +11,9 @@ Scenarios (data from ../shared/data, or $LIFELONG_BENCH_DATA; never needed by th
   supersession  subjects with several facts: a fact edited, then edited again to a third value
                 two batches later, between filler batches; does the newest value win, and do
                 the subject's other facts survive?
-Variants are policy switches on the shipped smollm2-135m policy (full = alignment, merging
-and projection on). Each (scenario, variant) runs in its own copy of one `init`ed store, in
+Variants are policy switches on the shipped smollm2-135m policy (full = alignment and merging
+on, with the shipped update; projection off = MEMIT as published; alphaedit = the projected
+update without alignment or merging). Each (scenario, variant) runs in its own copy of one `init`ed store, in
 its own process (--jobs). Per-batch results go to WORK/<scenario>-<variant>.json as they
 come, so a killed run resumes where it stopped; the report is rebuilt from those files.
 """
@@ -34,27 +35,31 @@ DEV = SHARED / "counterfact" / "counterfact_dev_3000.jsonl"
 SAME = SHARED / "counterfact" / "counterfact_same_subject.jsonl"
 
 VARIANTS = {  # name -> (label, push-time policy overrides[, init-time policy overrides])
-    "full": ("full (alignment + merging + projection)", {"align": True, "merge_same_subject": True, "project": True}),
+    "full": ("full (alignment + merging + the shipped update)", {"align": True, "merge_same_subject": True}),
     "no_align": ("alignment off", {"align": False}),
     "no_merge": ("merging off", {"merge_same_subject": False}),
-    "no_project": ("projection off (MEMIT update)", {"project": False}),
-    "alphaedit": ("neither alignment nor merging (AlphaEdit)", {"align": False, "merge_same_subject": False}),
+    "no_project": ("projection off (MEMIT update: λ 2000, earlier edits not held)",
+                   {"project": False, "hold_earlier": False, "mom2_weight": 2000.0}),
+    "projected": ("the projected update (AlphaEdit's) with the shipped values", {"project": True}),
+    "alphaedit": ("neither alignment nor merging (AlphaEdit)", {"align": False, "merge_same_subject": False,
+                                                                "project": True}),
     "shipped": ("the shipped policy as it is", {}),
     # tuning candidates, kept beside the ablations so their effect is measured in the same run
-    "full_alpha10": ("full, α 10 (published)", {"align": True, "alpha": 10.0}),
+    # (those of α, the threshold and λ_p are settings of the projected update)
+    "full_alpha10": ("full, α 10 (published)", {"align": True, "alpha": 10.0, "project": True}),
     "full_clamp075": ("full, ‖δ‖ clamp 0.75·‖h‖", {"align": True, "clamp_norm_factor": 0.75}),
     "full_lr05": ("full, lr 0.5, weight decay 0.5", {"align": True, "lr": 0.5, "weight_decay": 0.5}),
     "full_t5e3": ("full, null-space threshold 5e-3, corpus 100k tokens",
-                  {"align": True}, {"nullspace_threshold": 5e-3, "corpus_tokens": 100_000}),
-    "combo": ("alignment off, α 10, lr 0.5, weight decay 0.5", {"align": False, "alpha": 10.0, "lr": 0.5,
+                  {"align": True, "project": True}, {"nullspace_threshold": 5e-3, "corpus_tokens": 100_000}),
+    "combo": ("alignment off, α 10, lr 0.5, weight decay 0.5", {"align": False, "project": True, "alpha": 10.0, "lr": 0.5,
                                                                  "weight_decay": 0.5}),
-    "preserve2000": ("alignment off, λ_p 2000 (P·C₀ in the solve)", {"align": False, "preserve_weight": 2000.0}),
-    "preserve500": ("alignment off, λ_p 500 (P·C₀ in the solve)", {"align": False, "preserve_weight": 500.0}),
+    "preserve2000": ("alignment off, λ_p 2000 (P·C₀ in the solve)", {"align": False, "project": True, "preserve_weight": 2000.0}),
+    "preserve500": ("alignment off, λ_p 500 (P·C₀ in the solve)", {"align": False, "project": True, "preserve_weight": 500.0}),
     "full_c100k": ("full, corpus 100k tokens", {"align": True}, {"corpus_tokens": 100_000}),
     "margin1": ("alignment off, stop at a 1-nat argmax margin (stop_margin 1)", {"align": False, "stop_margin": 1.0}),
 }
 SCENARIO_VARIANTS = {
-    "counterfact": ["full", "no_align", "no_merge", "no_project", "alphaedit", "shipped"],
+    "counterfact": ["full", "no_align", "no_merge", "no_project", "projected", "alphaedit", "shipped"],
     "tuning": ["full_alpha10", "full_clamp075", "full_lr05", "full_t5e3", "full_c100k", "combo", "preserve2000", "preserve500", "margin1"],
     "same_subject": ["full", "no_merge", "shipped"],
     "supersession": ["full", "shipped"],

@@ -39,6 +39,9 @@ def describe(pol) -> str:
     words += [f"min_realized {pol.min_realized:g}"] if pol.min_realized > 0 else []
     words += [f"rescale_max {pol.rescale_max:g}"] if pol.rescale_max > 1 else []
     words += [f"sweeps {pol.sweeps}"] if pol.sweeps > 1 else []
+    # the update; rows before 2026-11-24 (late) left it out: AlphaEdit α 1
+    words += ([f"memit λ {pol.mom2_weight:g}" + (" holding earlier edits" if pol.hold_earlier else "")]
+              if not pol.project else [f"alphaedit α {pol.alpha:g}"])
     return ", ".join(words)
 
 

@@ -75,7 +75,9 @@ def test_shipped_values_match_the_published_ones():
     qwen = load_policy(REPO_POLICIES / "qwen2.5-7b.yaml")
     assert (qwen.layers, qwen.lambda_kl, qwen.lambda_mse) == ([3, 4], 1.5, 8)
     smol = load_policy(REPO_POLICIES / "smollm2-135m.yaml")
-    assert (smol.layers, smol.mom2_weight, smol.alpha) == ([3, 4, 5, 6, 7], 2000, 1)
+    assert (smol.layers, smol.mom2_weight, smol.alpha) == ([3, 4, 5, 6, 7], 20, 1)
+    assert (smol.project, smol.hold_earlier, smol.merged_steps) == (False, True, 80)   # tuned here (header)
+    assert all(p.project and not p.hold_earlier for p in (llama3, gpt2, gptj, qwen))   # AlphaEdit as published
     assert smol.nullspace_threshold == 0.01
     assert smol.n_contexts == 6 and smol.module_name(4) == "model.layers.4.mlp.down_proj"
 
