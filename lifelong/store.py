@@ -55,7 +55,8 @@ from .errors import StoreError, StoreExists, StoreLocked
 from .history import STATUSES, BatchRecord, index_facts, next_id, utc_now
 
 FORMAT = "lifelong-store"
-FORMAT_VERSION = 2   # 2: head weights are base + ΣAB rounded to fp32 once (1: after each batch)
+FORMAT_VERSION = 3   # 3: a batch's keys may hold a row per fact (units/group); 2: head weights are
+                     # base + ΣAB rounded to fp32 once (1: after each batch)
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _STR = h5py.string_dtype("utf-8")
@@ -101,6 +102,14 @@ def _weights_rounded_once(m: dict) -> dict:
         return _read_arrays(file, names, f"store {path}, migration to format 2")
 
     m["records"] = refingerprint(m["records"], json.loads(m["policy_json"])["layers"], read, str(path))
+    return m
+
+
+@migration(2, read_compatible=True)
+def _keys_per_fact(m: dict) -> dict:
+    """Format 3 batches may store a key row per fact of a merged group, with `units/group`
+    naming each row's group; a batch without that array has one row per group, so format 2
+    stores read as they are. The bump keeps older lifelong from misreading newer batches."""
     return m
 
 

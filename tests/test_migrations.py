@@ -61,17 +61,17 @@ def _format1_store(path) -> tuple[Store, dict[int, list[int]]]:
 
 
 def test_migrate_checks_and_recomputes_every_fingerprint(tmp_path):
-    assert FORMAT_VERSION == 2
+    assert FORMAT_VERSION == 3
     st, sets = _format1_store(tmp_path / "s.h5")
     old = {r.id: r.fingerprint_after for r in st.records}
     for args in (["log"], ["rollback", "--to", "1"]):     # never misread: refused until migrated
         res = cli(*args, "--store", st.path, code=1)
         assert "lifelong migrate" in res.stderr
     res = cli("migrate", "--store", st.path)
-    assert "migrated from format [1] to 2" in res.stdout
+    assert "migrated from format [1, 2] to 3" in res.stdout
 
     new = Store.open(st.path)
-    assert new.format_version == 2 and new.info["migrations"][0]["from"] == 1
+    assert new.format_version == 3 and new.info["migrations"][0]["from"] == 1
     assert [r.status for r in new.records] == ["active", "reverted", "reverted", "reverted", "active",
                                                "rejected", "active"]
     for r in new.records:   # reverted 3 was pushed over 1, 2; reverted 4 over 1 alone
@@ -96,3 +96,16 @@ def test_migrate_refuses_a_store_whose_fingerprints_disagree(tmp_path):
     assert sha(st.path) == before
     with pytest.raises(Exception, match="lifelong migrate"):
         Store.open(st.path)
+
+
+def test_format_2_reads_as_it_is(tmp_path):
+    """2 -> 3 only adds the optional units/group array: a format-2 store opens without
+    `lifelong migrate`, its batches read with one key row per group."""
+    st, _ = _format1_store(tmp_path / "s.h5")
+    cli("migrate", "--store", st.path)
+    with h5py.File(st.path, "r+") as f:
+        f.attrs["format_version"] = 2
+    again = Store.open(st.path)
+    assert again.format_version == 2 and len(again.records) == 7       # on disk; read as 3 in memory
+    res = cli("log", "--store", st.path)
+    assert "active" in res.stdout
