@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lifelong.api import UNITS, key_rows  # noqa: E402
 from lifelong.store import Store  # noqa: E402
 
 
@@ -43,11 +44,10 @@ def rows(store: Store) -> list[tuple[int, float, float, float]]:
     for rec in store.records:
         if rec.status != "active":
             continue
-        arr = store.batch_arrays(rec.id, [f"layer{l}/{x}" for l in layers for x in "ABK"], optional=("units/group",))
+        arr = store.batch_arrays(rec.id, [f"layer{l}/{x}" for l in layers for x in "ABK"], optional=(UNITS,))
         for g in rec.groups:
             for ref in g.replaces:
                 held.pop(tuple(ref), None)
-        unit_group = arr.get("units/group", torch.arange(len(rec.groups)).numpy())
         leak = least = moved = 0.0
         for l in layers:
             D = torch.from_numpy(arr[f"layer{l}/A"]).double() @ torch.from_numpy(arr[f"layer{l}/B"]).double()
@@ -58,7 +58,8 @@ def rows(store: Store) -> list[tuple[int, float, float, float]]:
             least += least_leak(Rt, torch.cat([K, Kp], 1), C_inv[l])
             moved += float((D @ Kp).pow(2).sum())
         for gi in range(len(rec.groups)):
-            held[(rec.id, gi)] = {l: torch.from_numpy(arr[f"layer{l}/K"][unit_group == gi]).double().t() for l in layers}
+            held[(rec.id, gi)] = {l: torch.from_numpy(arr[f"layer{l}/K"][key_rows(arr, [gi])]).double().t()
+                                  for l in layers}
         out.append((rec.id, leak, least, moved))
     return out
 

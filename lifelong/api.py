@@ -40,6 +40,12 @@ SEQ_LEN = 128
 UNITS = "units/group"   # a batch's array: the group of each write unit (fact), one row of K per unit
 
 
+def key_rows(arrays: dict, groups) -> np.ndarray:
+    """Rows of a batch's K that belong to `groups` (indices into the batch's groups):
+    `arrays` as read with optional=(UNITS,); batches stored before units have a row per group."""
+    return np.isin(arrays[UNITS], groups) if UNITS in arrays else np.asarray(groups, dtype=np.int64)
+
+
 def store_path(path: str | os.PathLike | None) -> Path:
     """--store, else $LIFELONG_STORE, else stores/default.h5."""
     return Path(path or os.environ.get("LIFELONG_STORE") or DEFAULT_STORE)
@@ -176,7 +182,7 @@ def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device
     for b, gs in sorted(by_batch.items()):
         names = [layer_key(l, "K") for l in policy.layers] + ["bank/keys", "bank/deltas"]
         arr = store.batch_arrays(b, names, optional=(UNITS,))
-        rows = np.isin(arr[UNITS], gs) if UNITS in arr else gs           # stored before units: a key per group
+        rows = key_rows(arr, gs)
         for l in policy.layers:
             kp[l].append(arr[layer_key(l, "K")][rows])
         bank_k.append(arr["bank/keys"][gs])
@@ -185,13 +191,13 @@ def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device
     ctx = {}
     for l in policy.layers:
         KpKpT = None
-        if kp[l]:
+        if kp[l] and (policy.project or policy.hold_earlier):              # the solves that use it
             Kp = torch.from_numpy(np.concatenate(kp[l])).to(device)          # (n_live, d_in) fp32
             KpKpT = (Kp.t() @ Kp).to(torch.float64)                          # fp32 BLAS: 2× faster
         ctx[l] = LayerContext(
             P=torch.from_numpy(base[layer_key(l, "P")]).to(device) if policy.project else None,
             mom2=torch.from_numpy(base[layer_key(l, "mom2")]).to(device) if mom2 else None,
-            KpKpT=KpKpT if policy.project or policy.hold_earlier else None,
+            KpKpT=KpKpT,
         )
     bank = ResidualBank.empty(base[layer_key(policy.layers[-1], need[0])].shape[0], d_model)
     if bank_k:

@@ -14,7 +14,7 @@ import torch
 
 from .alignment import ResidualBank
 from .facts import Fact
-from .keys import BatchKeys, write_units
+from .keys import BatchKeys, group_mean, write_units
 from .trace import layer_name
 from .update import memit_update, projected_update
 from .values import ValueResult, reached_stop
@@ -98,7 +98,7 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     z = h_start + du                                                  # (u, d_model) targets at L
     timings["values"] = time.perf_counter() - t
 
-    # spread over layers (MEMIT), projected update per layer (AlphaEdit). With min_realized
+    # spread over layers (MEMIT), the policy's update per layer (AlphaEdit's, or MEMIT's). With min_realized
     # or rescale_max the first pass is a probe: the batch is spread again from the same
     # start when its shares ask for it.
     t = time.perf_counter()
@@ -109,10 +109,11 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
                                     policy, layer_ctx, modules, log, "first pass: " if probe else "")
     written = realized >= policy.min_realized if policy.min_realized > 0 else torch.ones_like(realized, dtype=torch.bool)
     if probe and (policy.rescale_max > 1 or not written.all()):
+        unit_facts = [f for g in groups for f in g.facts]                # the units, in order
         for j in (~written).nonzero().flatten().tolist():
             g = groups[int(ug[j])]
             what = f"group {g.subject!r}" if len(g.facts) == 1 else \
-                f"fact {g.facts[j - int((ug < ug[j]).sum())].render()!r} of group {g.subject!r}"
+                f"fact {unit_facts[j].render()!r} of group {g.subject!r}"
             log(f"{what} left unwritten: the first pass wrote {float(realized[j]):.0%} "
                 f"of its δ (min_realized {policy.min_realized:g}); its key is held in place")
         for l, w in start.items():
@@ -129,14 +130,7 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     n = len(groups)
     return BatchEdit(factors=factors, keys=keys, unit_group=ug, bank_keys=bank_keys, deltas=deltas,
                      values=values, timings=timings, realized=group_mean(realized[:, None], ug, n)[:, 0],
-                     written=group_mean(written.double()[:, None], ug, n)[:, 0] > 0)
-
-
-def group_mean(x: torch.Tensor, unit_group: torch.Tensor, n: int) -> torch.Tensor:
-    """(u, d) per write unit -> (n, d) mean over each group's units."""
-    total = torch.zeros(n, x.shape[1], dtype=x.dtype).index_add_(0, unit_group, x)
-    count = torch.zeros(n, dtype=x.dtype).index_add_(0, unit_group, torch.ones(len(unit_group), dtype=x.dtype))
-    return total / count[:, None]
+                     written=group_mean(written.float()[:, None], ug, n)[:, 0] > 0)   # any of its facts
 
 
 def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, layer_ctx, modules, log,

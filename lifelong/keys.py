@@ -50,17 +50,14 @@ def _rows_for(tok, groups, contexts: list[str]):
     """Prompt rows ending at the last subject token: every fact × context of every group,
     each owned by its write unit (the fact)."""
     rows, owner, is_bare = [], [], []
-    unit = 0
-    for g in groups:
-        for fact in g.facts:
-            for ci, ctx in enumerate(contexts):
-                r = make_row(tok, ctx, fact.prompt, fact.subject, None)
-                if r.subject_pos < 0:
-                    raise EditFailed(f"could not locate the subject's last token in {fact.render()!r}")
-                rows.append(Row(r.ids[: r.subject_pos + 1], r.subject_pos + 1, r.subject_pos))
-                owner.append(unit)
-                is_bare.append(ci == 0)
-            unit += 1
+    for unit, fact in enumerate(f for g in groups for f in g.facts):     # write_units' order
+        for ci, ctx in enumerate(contexts):
+            r = make_row(tok, ctx, fact.prompt, fact.subject, None)
+            if r.subject_pos < 0:
+                raise EditFailed(f"could not locate the subject's last token in {fact.render()!r}")
+            rows.append(Row(r.ids[: r.subject_pos + 1], r.subject_pos + 1, r.subject_pos))
+            owner.append(unit)
+            is_bare.append(ci == 0)
     return rows, owner, is_bare
 
 
@@ -156,7 +153,13 @@ class BatchKeys:
         return torch.zeros(self.n).index_add_(0, own, torch.ones(len(own)))
 
 
+def group_mean(x: torch.Tensor, unit_group: torch.Tensor, n: int) -> torch.Tensor:
+    """(u, d) per write unit -> (n, d) mean over each group's units."""
+    count = torch.zeros(n, dtype=x.dtype).index_add_(0, unit_group, torch.ones(len(unit_group), dtype=x.dtype))
+    return _add(None, unit_group, x, n) / count[:, None]
+
+
 def _add(total: torch.Tensor | None, owner: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
     """total + per-owner sums of the rows of x (n_rows, d) -> (n, d)."""
-    total = torch.zeros(n, x.shape[1]) if total is None else total
+    total = torch.zeros(n, x.shape[1], dtype=x.dtype) if total is None else total
     return total.index_add_(0, owner, x)

@@ -7,7 +7,7 @@ preserve_weight λ_p adds λ_p·P·C₀ (0: as published).
 MEMIT (projection off): Δ = R Kᵀ (λC₀ + KKᵀ)⁻¹; with the policy's hold_earlier,
 Δ = R Kᵀ (λC₀ + KKᵀ + K_pK_pᵀ)⁻¹, whose limit for small λ is the update that writes R
 exactly, holds K_p exactly and changes the preserved keys' outputs least, tr(Δ C₀ Δᵀ).
-Both have rank ≤ n (the batch's group count): A = R (d_out, n), B (n, d_in).
+Both have rank ≤ n (the batch's write units, one per fact): A = R (d_out, n), B (n, d_in).
 """
 from __future__ import annotations
 
