@@ -92,7 +92,7 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
         seqs = chunk_tokens(tok, texts, pol.corpus_tokens, SEQ_LEN)
         corpus_desc = f"file {corpus}"
     else:
-        n_seq = math.ceil(pol.corpus_tokens / SEQ_LEN)
+        n_seq = math.ceil((pol.sampled_tokens or pol.corpus_tokens) / SEQ_LEN)
         log(f"sampling {n_seq * SEQ_LEN} tokens of text from the model for the preserved statistics")
         seqs = sample_sequences(net, tok, n_seq, SEQ_LEN, seed=seed, progress=progress and progress("sample"))
         corpus_desc = "model-sampled text"

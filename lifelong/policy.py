@@ -294,6 +294,13 @@ class Policy(BaseModel):
         description="Tokens of preserved-knowledge text sampled at init to estimate E[kkᵀ] "
         "(tokens; should be well above the key dimension d₀ so the estimate has full rank).",
     )
+    sampled_tokens: int | None = Field(
+        None,
+        ge=100,
+        description="Tokens the model samples itself for E[kkᵀ] when init is given no corpus "
+        "file (tokens; None = corpus_tokens). Sampling costs a generation step per token, so a "
+        "policy whose corpus_tokens is large for a truer C₀ can keep `init` quick without a file.",
+    )
 
     gates: Gates = Field(
         default_factory=Gates, description="Refresh gates checked after each pushed batch."
