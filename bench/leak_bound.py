@@ -34,13 +34,17 @@ def least_leak(R: torch.Tensor, K: torch.Tensor, C_inv: torch.Tensor) -> float:
     return float(torch.trace(R @ torch.linalg.solve(G, R.t())))
 
 
-def rows(store: Store) -> list[tuple[int, float, float, float]]:
-    layers = json.loads(store.policy_json)["layers"]        # any store, whatever its policy's other fields
-    base = store.base_arrays([f"layer{l}/mom2" for l in layers])
-    C = {l: torch.from_numpy(base[f"layer{l}/mom2"]).double() for l in layers}
-    C_inv = {l: torch.linalg.inv(C[l]) for l in layers}
+def least_leak_update(R: torch.Tensor, K: torch.Tensor, C_inv: torch.Tensor) -> torch.Tensor:
+    """The Δ that reaches least_leak: R (KᵀC₀⁻¹K)⁻¹ KᵀC₀⁻¹ (same ridge)."""
+    G = K.t() @ C_inv @ K
+    G = G + 1e-6 * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype)
+    return R @ torch.linalg.solve(G, K.t() @ C_inv)
+
+
+def active_batches(store: Store, layers: list[int]):
+    """Each active batch's arrays (A, B, K per layer) with K_p: per layer, the keys (d_in, k) of
+    every earlier active group it holds (those a merged group of this batch replaces left out)."""
     held: dict[tuple[int, int], dict[int, torch.Tensor]] = {}     # (batch, group) -> layer -> keys (d_in, k)
-    out = []
     for rec in store.records:
         if rec.status != "active":
             continue
@@ -48,18 +52,36 @@ def rows(store: Store) -> list[tuple[int, float, float, float]]:
         for g in rec.groups:
             for ref in g.replaces:
                 held.pop(tuple(ref), None)
+        d_in = arr[f"layer{layers[0]}/K"].shape[1]
+        Kp = {l: torch.cat([torch.zeros(d_in, 0, dtype=torch.float64)] + [h[l] for h in held.values()], 1)
+              for l in layers}
+        yield rec, arr, Kp
+        for gi in range(len(rec.groups)):
+            held[(rec.id, gi)] = {l: torch.from_numpy(arr[f"layer{l}/K"][key_rows(arr, [gi])]).double().t()
+                                  for l in layers}
+
+
+def delta(arr: dict, layer: int) -> torch.Tensor:
+    """A batch's stored Δ = A·B at one layer, float64."""
+    return torch.from_numpy(arr[f"layer{layer}/A"]).double() @ torch.from_numpy(arr[f"layer{layer}/B"]).double()
+
+
+def rows(store: Store) -> list[tuple[int, float, float, float]]:
+    layers = json.loads(store.policy_json)["layers"]        # any store, whatever its policy's other fields
+    base = store.base_arrays([f"layer{l}/mom2" for l in layers])
+    C = {l: torch.from_numpy(base[f"layer{l}/mom2"]).double() for l in layers}
+    C_inv = {l: torch.linalg.inv(C[l]) for l in layers}
+    out = []
+    for rec, arr, Kp_all in active_batches(store, layers):
         leak = least = moved = 0.0
         for l in layers:
-            D = torch.from_numpy(arr[f"layer{l}/A"]).double() @ torch.from_numpy(arr[f"layer{l}/B"]).double()
+            D = delta(arr, l)
             K = torch.from_numpy(arr[f"layer{l}/K"]).double().t()
-            Kp = torch.cat([torch.zeros(K.shape[0], 0, dtype=torch.float64)] + [h[l] for h in held.values()], 1)
+            Kp = Kp_all[l]
             leak += float(torch.trace(D @ C[l] @ D.t()))
             Rt = torch.cat([D @ K, torch.zeros(D.shape[0], Kp.shape[1], dtype=torch.float64)], 1)
             least += least_leak(Rt, torch.cat([K, Kp], 1), C_inv[l])
             moved += float((D @ Kp).pow(2).sum())
-        for gi in range(len(rec.groups)):
-            held[(rec.id, gi)] = {l: torch.from_numpy(arr[f"layer{l}/K"][key_rows(arr, [gi])]).double().t()
-                                  for l in layers}
         out.append((rec.id, leak, least, moved))
     return out
 

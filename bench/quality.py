@@ -57,10 +57,12 @@ VARIANTS = {  # name -> (label, push-time policy overrides[, init-time policy ov
     "preserve500": ("alignment off, λ_p 500 (P·C₀ in the solve)", {"align": False, "project": True, "preserve_weight": 500.0}),
     "full_c100k": ("full, corpus 100k tokens", {"align": True}, {"corpus_tokens": 100_000}),
     "margin1": ("alignment off, stop at a 1-nat argmax margin (stop_margin 1)", {"align": False, "stop_margin": 1.0}),
+    "memit10": ("the shipped policy with λ 10 (writes more of each residual against a 200k-token C₀)",
+                {"mom2_weight": 10.0}),
 }
 SCENARIO_VARIANTS = {
     "counterfact": ["full", "no_align", "no_merge", "no_project", "projected", "alphaedit", "shipped"],
-    "tuning": ["full_alpha10", "full_clamp075", "full_lr05", "full_t5e3", "full_c100k", "combo", "preserve2000", "preserve500", "margin1"],
+    "tuning": ["full_alpha10", "full_clamp075", "full_lr05", "full_t5e3", "full_c100k", "combo", "preserve2000", "preserve500", "margin1", "memit10"],
     "same_subject": ["full", "no_merge", "shipped"],
     "supersession": ["full", "shipped"],
 }

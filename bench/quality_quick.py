@@ -39,6 +39,7 @@ def describe(pol) -> str:
     words += [f"min_realized {pol.min_realized:g}"] if pol.min_realized > 0 else []
     words += [f"rescale_max {pol.rescale_max:g}"] if pol.rescale_max > 1 else []
     words += [f"sweeps {pol.sweeps}"] if pol.sweeps > 1 else []
+    words += [f"C₀ {pol.corpus_tokens // 1000}k tokens"] if pol.corpus_tokens != 20000 else []  # 20k until 2026-11-25
     # the update; rows before 2026-11-24 (late) left it out: AlphaEdit α 1
     words += ([f"memit λ {pol.mom2_weight:g}" + (" holding earlier edits" if pol.hold_earlier else "")]
               if not pol.project else [f"alphaedit α {pol.alpha:g}"])
