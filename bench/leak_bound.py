@@ -86,6 +86,14 @@ def rows(store: Store) -> list[tuple[int, float, float, float]]:
     return out
 
 
+def report(text: str, out: str | None) -> None:
+    """Print a table, and append it to the markdown file `out` when given."""
+    print(text)
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write("\n" + text)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("store")
@@ -96,10 +104,7 @@ def main(argv=None) -> None:
     for b, leak, least, moved in rows(Store.open(args.store)):
         table.append(f"| {b} | {leak:.1f} | {least:.1f} | {leak / least:.2f} | {moved:.1f} |")
     text = f"`python bench/leak_bound.py {args.store}`\n\n" + "\n".join(table) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+    report(text, args.out)
 
 
 if __name__ == "__main__":

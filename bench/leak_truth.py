@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchdata import WIKI, plain_wikitext, wikitext_test_chunks  # noqa: E402
-from leak_bound import active_batches, delta, least_leak_update  # noqa: E402
+from leak_bound import active_batches, delta, least_leak_update, report  # noqa: E402
 
 from lifelong.api import live_facts  # noqa: E402
 from lifelong.corpus import chunk_tokens, read_corpus  # noqa: E402
@@ -97,10 +97,7 @@ def main(argv=None) -> None:
     table.append(f"| sum | {total[0]:.1f} | {total[1]:.1f} | {total[2]:.1f} | " + " | ".join(pairs) + " |")
     text = (f"`python bench/leak_truth.py {args.store} --tokens {args.tokens}` (the store's C₀: "
             f"{store.info.get('corpus_tokens')} tokens)\n\n" + "\n".join(table) + "\n")
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+    report(text, args.out)
 
 
 if __name__ == "__main__":
