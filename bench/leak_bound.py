@@ -27,18 +27,25 @@ from lifelong.api import UNITS, key_rows  # noqa: E402
 from lifelong.store import Store  # noqa: E402
 
 
+def leak(D: torch.Tensor, C: torch.Tensor) -> float:
+    """tr(Δ C Δᵀ): the mean squared change of Δ's outputs on keys whose second moment is C."""
+    return float(torch.trace(D @ C @ D.t()))
+
+
+def _gram(K: torch.Tensor, C_inv: torch.Tensor) -> torch.Tensor:
+    """KᵀC₀⁻¹K with a 1e-6 ridge (relative to its mean diagonal)."""
+    G = K.t() @ C_inv @ K
+    return G + 1e-6 * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype)
+
+
 def least_leak(R: torch.Tensor, K: torch.Tensor, C_inv: torch.Tensor) -> float:
     """min tr(Δ C₀ Δᵀ) subject to Δ K = R, for K (d_in, n) and R (d_out, n)."""
-    G = K.t() @ C_inv @ K
-    G = G + 1e-6 * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype)
-    return float(torch.trace(R @ torch.linalg.solve(G, R.t())))
+    return float(torch.trace(R @ torch.linalg.solve(_gram(K, C_inv), R.t())))
 
 
 def least_leak_update(R: torch.Tensor, K: torch.Tensor, C_inv: torch.Tensor) -> torch.Tensor:
-    """The Δ that reaches least_leak: R (KᵀC₀⁻¹K)⁻¹ KᵀC₀⁻¹ (same ridge)."""
-    G = K.t() @ C_inv @ K
-    G = G + 1e-6 * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype)
-    return R @ torch.linalg.solve(G, K.t() @ C_inv)
+    """The Δ that reaches least_leak: R (KᵀC₀⁻¹K)⁻¹ KᵀC₀⁻¹."""
+    return R @ torch.linalg.solve(_gram(K, C_inv), K.t() @ C_inv)
 
 
 def active_batches(store: Store, layers: list[int]):
@@ -73,16 +80,16 @@ def rows(store: Store) -> list[tuple[int, float, float, float]]:
     C_inv = {l: torch.linalg.inv(C[l]) for l in layers}
     out = []
     for rec, arr, Kp_all in active_batches(store, layers):
-        leak = least = moved = 0.0
+        total = least = moved = 0.0
         for l in layers:
             D = delta(arr, l)
             K = torch.from_numpy(arr[f"layer{l}/K"]).double().t()
             Kp = Kp_all[l]
-            leak += float(torch.trace(D @ C[l] @ D.t()))
+            total += leak(D, C[l])
             Rt = torch.cat([D @ K, torch.zeros(D.shape[0], Kp.shape[1], dtype=torch.float64)], 1)
             least += least_leak(Rt, torch.cat([K, Kp], 1), C_inv[l])
             moved += float((D @ Kp).pow(2).sum())
-        out.append((rec.id, leak, least, moved))
+        out.append((rec.id, total, least, moved))
     return out
 
 
@@ -101,8 +108,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     table = ["| batch | leak tr(ΔC₀Δᵀ) | least possible | ratio | earlier keys moved ‖ΔK_p‖² |",
              "|---:|---:|---:|---:|---:|"]
-    for b, leak, least, moved in rows(Store.open(args.store)):
-        table.append(f"| {b} | {leak:.1f} | {least:.1f} | {leak / least:.2f} | {moved:.1f} |")
+    for b, cost, least, moved in rows(Store.open(args.store)):
+        table.append(f"| {b} | {cost:.1f} | {least:.1f} | {cost / least:.2f} | {moved:.1f} |")
     text = f"`python bench/leak_bound.py {args.store}`\n\n" + "\n".join(table) + "\n"
     report(text, args.out)
 

@@ -26,17 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchdata import WIKI, plain_wikitext, wikitext_test_chunks  # noqa: E402
-from leak_bound import active_batches, delta, least_leak_update, report  # noqa: E402
+from leak_bound import active_batches, delta, leak, least_leak_update, report  # noqa: E402
 
 from lifelong.api import live_facts  # noqa: E402
 from lifelong.corpus import chunk_tokens, read_corpus  # noqa: E402
 from lifelong.models import ModelSource, load_model  # noqa: E402
 from lifelong.stats import second_moments  # noqa: E402
 from lifelong.store import Store  # noqa: E402
-
-
-def leak(D: torch.Tensor, C: torch.Tensor) -> float:
-    return float(torch.trace(D @ C @ D.t()))
 
 
 def main(argv=None) -> None:
