@@ -291,8 +291,10 @@ class Policy(BaseModel):
     corpus_tokens: int = Field(
         20000,
         ge=100,
-        description="Tokens of preserved-knowledge text sampled at init to estimate E[kkᵀ] "
-        "(tokens; should be well above the key dimension d₀ so the estimate has full rank).",
+        description="Tokens of preserved-knowledge text `init` reads from --corpus to estimate "
+        "E[kkᵀ] (tokens; well above the key dimension d₀: too few underestimate its small "
+        "eigenvalues, the directions the update leans on). Also what the model samples without "
+        "a corpus file, unless sampled_tokens says otherwise.",
     )
     sampled_tokens: int | None = Field(
         None,
