@@ -40,7 +40,7 @@ def run_edit(session: Session, facts, optimizer, policy, store) -> tuple[float, 
     layer_ctx, bank = api.protection(store, policy, live, "cpu", session.model.config.hidden_size)
     t = time.perf_counter()
     edit = compute_edit(session.model, session.tok, groups, session.contexts, policy, layer_ctx, bank,
-                        optimize=optimizer)
+                        optimize=optimizer, metric=api.value_metric(store, policy, "cpu"))
     seconds = time.perf_counter() - t
     scores = score_facts(session.model, session.tok, facts)
     session.apply(saved)

@@ -27,9 +27,11 @@ from .facts import Fact, load_facts
 from .metrics import argmax_tokens, perplexity
 from .models import DEFAULT_MODEL, BUILTIN_MODELS, load_model, resolve_model
 from .policy import Policy, find_policy, load_policy
+from .sensitivity import preconditioner, residual_fisher
 from .session import Session, expected_fingerprints, head_weights, layer_key, verify
 from .stats import projector, second_moments
 from .store import Store
+from .trace import layer_name
 from .values import reached_stop
 from .weights import fingerprint, get_module, module_name, read_matrix
 
@@ -38,6 +40,7 @@ HELDOUT_SEQS, HELDOUT_LEN = 16, 64          # model-sampled held-out text
 HELDOUT_FILE_TOKENS = 4096                  # from a --heldout file, in SEQ_LEN chunks
 SEQ_LEN = 128
 UNITS = "units/group"   # a batch's array: the group of each write unit (fact), one row of K per unit
+FISHER = "residual_fisher"   # a base array (value_metric fisher): F summed over the edited layers' outputs
 
 
 def key_rows(arrays: dict, groups) -> np.ndarray:
@@ -113,6 +116,14 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
             raise BadInput(f"layer {l}: no eigenvalue of E[kkᵀ] is below nullspace_threshold="
                            f"{pol.nullspace_threshold}; nothing could be edited",
                            hint=f"raise the threshold above {float(proj.eigvals[0]):.3g} in the policy")
+    fisher_info = {}
+    if pol.value_metric == "fisher":
+        fisher_seqs = seqs[: math.ceil(pol.fisher_tokens / SEQ_LEN)]
+        log(f"residual Fisher over {sum(len(s) for s in fisher_seqs)} tokens (value_metric fisher)")
+        per_layer, n_fisher = residual_fisher(net, [layer_name(pol.module_template, l) for l in pol.layers],
+                                              fisher_seqs, progress=progress and progress("fisher"))
+        arrays[FISHER] = sum(per_layer.values()).numpy()
+        fisher_info = {"fisher_tokens": n_fisher}
     contexts = context_templates(net, tok, pol.n_prefixes, pol.prefix_tokens, seed=seed + 1)
     eval_prefixes = _eval_prefixes(net, tok, seed + 3)
     if heldout is not None:
@@ -126,6 +137,7 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
         "eval_prefixes": eval_prefixes,
         "corpus": corpus_desc,
         "corpus_tokens": counted,
+        **fisher_info,
         "layers": layer_info,
         "heldout": heldout_seqs,
         "heldout_source": heldout_desc,
@@ -205,6 +217,20 @@ def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device
     return ctx, bank
 
 
+def value_metric(store: Store, policy: Policy, device) -> torch.Tensor | None:
+    """The inverse metric δ's normalized steps are measured in: None (Euclidean), or with
+    value_metric fisher the preconditioner of the F that init stored."""
+    if policy.value_metric != "fisher":
+        return None
+    got = store.base_arrays([], optional=(FISHER,))
+    if FISHER not in got:
+        raise BadInput(f"store {store.path} has no residual Fisher: its init ran with value_metric "
+                       f"{json.loads(store.policy_json).get('value_metric', 'euclidean')!r}, and "
+                       f"value_metric 'fisher' steps δ in it",
+                       hint="push with value_metric euclidean, or init a new store with this policy")
+    return preconditioner(torch.from_numpy(got[FISHER])).to(device)
+
+
 def push(path, fact_file, dry_run: bool = False, log=_quiet, wait: bool = True,
          policy_overrides: dict | None = None) -> PushReport:
     """Validate, edit, evaluate and record one batch of facts as batch N = last id + 1."""
@@ -243,6 +269,7 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
     live = [g for g in history.live_groups(records) if g not in replaced]
     device = next(session.model.parameters()).device
     layer_ctx, bank = protection(store, policy, live, device, session.model.config.hidden_size)
+    metric = value_metric(store, policy, device)
     timings["bookkeeping"] = time.perf_counter() - t
 
     n_rows, _ = neighbor_rows(session.tok, ff.facts)
@@ -251,7 +278,8 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
 
     log(f"batch {batch_id}: {len(ff.facts)} facts in {len(groups)} groups, "
         f"{len(live)} earlier groups protected")
-    edit = compute_edit(session.model, session.tok, groups, session.contexts, policy, layer_ctx, bank, log=log)
+    edit = compute_edit(session.model, session.tok, groups, session.contexts, policy, layer_ctx, bank, log=log,
+                        metric=metric)
     timings.update(edit.timings)
     # compute_edit added each Δ to the rounded head; the new head is base + every Δ rounded
     # once, the floats a rollback to this batch computes (and the fingerprint records)

@@ -55,12 +55,13 @@ class BatchEdit:
 
 def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
                  layer_ctx: dict[int, LayerContext], bank: ResidualBank,
-                 log=lambda msg: None, optimize=None) -> BatchEdit:
+                 log=lambda msg: None, optimize=None, metric: torch.Tensor | None = None) -> BatchEdit:
     """Edit `model` in place with one batch of groups and return the factors applied.
 
     optimize: a per-group value optimizer (values.optimize_value's signature) to force
     the sequential loop with it; by default groups are optimized jointly when alignment
     is off (values_batched) and one after another, each aligned to the bank, when on.
+    metric: the inverse metric δ's normalized steps are measured in (value_metric fisher).
     """
     timings: dict[str, float] = {}
     layers = list(policy.layers)
@@ -77,7 +78,8 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     t = time.perf_counter()
     values: list[ValueResult] = []
     if optimize is None and not policy.align:
-        values = optimize_values_batched(model, tok, [g.facts for g in groups], contexts, out_layer, policy)
+        values = optimize_values_batched(model, tok, [g.facts for g in groups], contexts, out_layer, policy,
+                                         metric=metric)
         for gi, (g, res) in enumerate(zip(groups, values)):
             bank.add(bank_keys[gi], res.delta, (-1, gi))
         log(f"values of {len(groups)} groups optimized jointly: "
@@ -88,7 +90,8 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
         if policy.align:
             term = bank.objective(bank_keys[gi], policy.tau, policy.top_m, policy.lambda_kl,
                                   policy.lambda_mse, next(model.parameters()).device)
-        res = (optimize or optimize_value_fast)(model, tok, g.facts, contexts, out_layer, policy, term, seed=gi)
+        res = (optimize or optimize_value_fast)(model, tok, g.facts, contexts, out_layer, policy, term, seed=gi,
+                                                   metric=metric)
         values.append(res)
         bank.add(bank_keys[gi], res.delta, (-1, gi))
         log(f"value {gi + 1}/{len(groups)} {g.subject!r}: nll {res.nll_start:.2f} -> {res.nll:.3f} "

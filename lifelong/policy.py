@@ -166,6 +166,23 @@ class Policy(BaseModel):
         description="Length of each normalized step, as a fraction of ‖h^L‖ (ratio; optimizer "
         "normalized).",
     )
+    value_metric: Literal["euclidean", "fisher"] = Field(
+        "euclidean",
+        description="What a normalized step's length is measured in: 'euclidean' (‖δ‖), or "
+        "'fisher' (√(δᵀF̃δ), F̃ the Fisher of the LM loss with respect to the edited layers' "
+        "outputs on init's corpus, scaled to mean eigenvalue 1; lifelong/sensitivity.py). "
+        "Ordinary text's loss grows by about ½·rᵀFr per token for a residual r written into "
+        "those outputs, and F is far from isotropic: measured in it, δ reaches its target "
+        "through directions text is less sensitive to. 'fisher' needs optimizer normalized "
+        "and a store whose init estimated F (init does when the policy asks for it).",
+    )
+    fisher_tokens: int = Field(
+        32768,
+        ge=128,
+        description="Corpus tokens init runs backward through for F (value_metric fisher; "
+        "tokens, at most the corpus it read). Each costs a forward and a backward pass: "
+        "~1 minute per 10k tokens on a 2-core CPU for SmolLM2-135M.",
+    )
     clamp_norm_factor: float = Field(
         0.75,
         gt=0,
@@ -334,6 +351,11 @@ class Policy(BaseModel):
             problems.append(
                 "mom2_weight: must be > 0 when project is false (the MEMIT-style update "
                 "(KKᵀ + λ·E[kkᵀ])⁻¹ is singular without it)"
+            )
+        if self.value_metric == "fisher" and self.optimizer != "normalized":
+            problems.append(
+                "value_metric: 'fisher' measures normalized steps; it needs optimizer "
+                "'normalized' (Adam's steps have no metric)"
             )
         if problems:
             raise ValueError("\n".join(problems))

@@ -529,9 +529,9 @@ class Store:
         return snap.parsed[batch_id - 1] if snap.parsed is not None else snap._parse(batch_id - 1)
 
     # ---- arrays
-    def base_arrays(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Arrays written at create (all, or those named)."""
-        return _read_arrays(self.objects_dir / "base.h5", names, f"store {self.path}, base arrays")
+    def base_arrays(self, names: list[str] | None = None, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """Arrays written at create (all, or those named, plus those of `optional` it has)."""
+        return _read_arrays(self.objects_dir / "base.h5", names, f"store {self.path}, base arrays", optional)
 
     def batch_arrays(self, batch_id: int, names: list[str] | None = None,
                      optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:

@@ -105,11 +105,16 @@ class NormalizedSteps(torch.optim.Optimizer):
     need. A step along the gradient itself reaches the same target NLL with a shorter δ,
     and δ becomes the weight update's residual. With δ of shape (G, d) every row (group)
     is normalized and stepped on its own, which is the per-group optimization exactly.
+
+    With an inverse metric M = F⁻¹ (d, d) the steps are steepest descent measured in F:
+    δ ← δ − step·Mg/√(gᵀMg), a step of length `step` in √(xᵀFx); δ then grows where F is
+    small (value_metric fisher: where ordinary text's loss is least sensitive).
     """
 
-    def __init__(self, delta: torch.Tensor, step: float | torch.Tensor):
+    def __init__(self, delta: torch.Tensor, step: float | torch.Tensor, metric: torch.Tensor | None = None):
         super().__init__([delta], {})
         self.step_len = torch.as_tensor(step, dtype=delta.dtype, device=delta.device).reshape(-1, 1)  # (1 or G, 1)
+        self.metric = None if metric is None else metric.to(dtype=delta.dtype, device=delta.device)   # (d, d)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,15 +123,21 @@ class NormalizedSteps(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 g = p.grad.reshape(-1, p.shape[-1])                             # (1 or G, d)
-                unit = g / g.norm(dim=-1, keepdim=True).clamp(min=1e-30)        # zero gradient: no move
+                if self.metric is None:
+                    unit = g / g.norm(dim=-1, keepdim=True).clamp(min=1e-30)    # zero gradient: no move
+                else:
+                    mg = g @ self.metric                                        # (1 or G, d); M symmetric
+                    unit = mg / (mg * g).sum(-1, keepdim=True).clamp(min=1e-30).sqrt()
                 p.sub_((self.step_len * unit).reshape(p.shape))
 
 
-def make_optimizer(delta: torch.Tensor, policy, h_norm: float | torch.Tensor) -> torch.optim.Optimizer:
+def make_optimizer(delta: torch.Tensor, policy, h_norm: float | torch.Tensor,
+                   metric: torch.Tensor | None = None) -> torch.optim.Optimizer:
     """The policy's δ optimizer: Adam (MEMIT's) or normalized steps of step_size·‖h^L‖
-    (h_norm: a float, or one per row of a (G, d) δ)."""
+    (h_norm: a float, or one per row of a (G, d) δ), measured in `metric` when given
+    (the inverse metric (d, d), sensitivity.preconditioner; value_metric fisher)."""
     if policy.optimizer == "normalized":
-        return NormalizedSteps(delta, policy.step_size * torch.as_tensor(h_norm).detach())
+        return NormalizedSteps(delta, policy.step_size * torch.as_tensor(h_norm).detach(), metric)
     return torch.optim.Adam([delta], lr=policy.lr)
 
 
@@ -179,10 +190,12 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
 
 
 def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_module: str,
-                   policy, align: AlignmentTerm | None, seed: int = 0, full_logits: bool = True) -> ValueResult:
+                   policy, align: AlignmentTerm | None, seed: int = 0, full_logits: bool = True,
+                   metric: torch.Tensor | None = None) -> ValueResult:
     """Optimize one group's δ with the authors' loop: every row, every layer and every
     position's logits at every step. With full_logits=False, the LM head runs only where
-    targets are scored (the same δ, for the models the fast loops do not know)."""
+    targets are scored (the same δ, for the models the fast loops do not know).
+    metric: the inverse metric normalized steps are measured in (make_optimizer)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     g = GroupRows.build(tok, facts, contexts)
@@ -199,7 +212,7 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
     h_norm = float(h0.norm())
     torch.manual_seed(seed)
     delta = torch.zeros(h0.shape[0], device=device, requires_grad=True)
-    opt = make_optimizer(delta, policy, h_norm)
+    opt = make_optimizer(delta, policy, h_norm, metric)
     hook = {layer_module: ("post", add_at_positions(lambda: delta, subj))}
     tok_per_row = ids.shape[1]
     n_layers = model.config.num_hidden_layers

@@ -26,25 +26,27 @@ WAVE = 16  # groups per joint optimization: bounds activation memory (~40 MB per
 
 
 def optimize_values_batched(model, tok, groups: list[list[Fact]], contexts: list[str], layer_module: str,
-                            policy, seed: int = 0, wave: int = WAVE) -> list[ValueResult]:
-    """One ValueResult per group, equal to optimize_value_fast(...) run group by group with align=None."""
+                            policy, seed: int = 0, wave: int = WAVE,
+                            metric: torch.Tensor | None = None) -> list[ValueResult]:
+    """One ValueResult per group, equal to optimize_value_fast(...) run group by group with align=None
+    (metric: make_optimizer's)."""
     out: list[ValueResult] = []
     for start in range(0, len(groups), wave):
         out.extend(_optimize_wave(model, tok, groups[start : start + wave], contexts, layer_module, policy,
-                                  seed + start))
+                                  seed + start, metric))
     return out
 
 
-def _sequential(model, tok, groups, contexts, layer_module, policy, seed) -> list[ValueResult]:
-    return [optimize_value_fast(model, tok, g, contexts, layer_module, policy, None, seed=seed + i)
+def _sequential(model, tok, groups, contexts, layer_module, policy, seed, metric) -> list[ValueResult]:
+    return [optimize_value_fast(model, tok, g, contexts, layer_module, policy, None, seed=seed + i, metric=metric)
             for i, g in enumerate(groups)]
 
 
-def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> list[ValueResult]:
+def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed, metric) -> list[ValueResult]:
     t0 = time.perf_counter()
     arch = _recognise(model, layer_module)
     if isinstance(arch, str):
-        return _sequential(model, tok, groups, contexts, layer_module, policy, seed)
+        return _sequential(model, tok, groups, contexts, layer_module, policy, seed, metric)
     device = next(model.parameters()).device
 
     # every group's rows in one table; fact indices made global, essence rows kept (-1)
@@ -63,12 +65,12 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
         fwd = _FastForward(model, arch, table, tok.pad_token_id, checked=first_row[1] if G > 1 else len(rows))
     except (_Unsupported, AttributeError, IndexError) as e:
         log.warning("joint value optimization unavailable (%s): one group at a time", e)
-        return _sequential(model, tok, groups, contexts, layer_module, policy, seed)
+        return _sequential(model, tok, groups, contexts, layer_module, policy, seed, metric)
 
     row_group_all = torch.tensor(group_of_row, device=device)                   # (n_rows,)
     h_norm = fwd.h_at_subject[torch.tensor(first_row, device=device)].norm(dim=-1)  # (G,)
     delta = torch.zeros(G, fwd.hL.shape[-1], device=device, requires_grad=True)
-    opt = make_optimizer(delta, policy, h_norm)
+    opt = make_optimizer(delta, policy, h_norm, metric)
     tol = _CHECK_TOL.get(fwd.hL.dtype, _CHECK_TOL_LOW)
 
     active = torch.ones(G, dtype=torch.bool, device=device)
@@ -91,7 +93,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed) -> 
             err = fwd.error(tok_logp.detach(), ess_all)
             if not err <= tol:
                 log.warning("joint value forward differs by %.3g at δ = 0: one group at a time", err)
-                return _sequential(model, tok, groups, contexts, layer_module, policy, seed)
+                return _sequential(model, tok, groups, contexts, layer_module, policy, seed, metric)
         ess_init = ess_all[groups_in_view]                                       # (g, vocab)
         fact_rows = torch.tensor(view.fact_rows, device=device, dtype=torch.long)
         row_nll = torch.zeros(view.n_rows, device=device).index_add(0, view.r_idx, -tok_logp)

@@ -436,7 +436,8 @@ class _Unsupported(Exception):
 
 
 def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], layer_module: str,
-                        policy, align: AlignmentTerm | None, seed: int = 0) -> ValueResult:
+                        policy, align: AlignmentTerm | None, seed: int = 0,
+                        metric: torch.Tensor | None = None) -> ValueResult:
     """`optimize_value` recomputing per step only the layers after L at positions ≥ s.
 
     Same signature, loss, steps, Adam, clamp, early stop and result; falls back to
@@ -445,7 +446,8 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
     t0 = time.perf_counter()
 
     def fallback() -> ValueResult:  # the whole model per step, LM head only where scored: the same δ
-        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed, full_logits=False)
+        return optimize_value(model, tok, facts, contexts, layer_module, policy, align, seed=seed, full_logits=False,
+                              metric=metric)
 
     arch = _recognise(model, layer_module)
     if isinstance(arch, str):
@@ -463,7 +465,7 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
     margins = policy.stop_margin is not None
     torch.manual_seed(seed)
     delta = torch.zeros(fwd.hL.shape[-1], device=device, requires_grad=True)
-    opt = make_optimizer(delta, policy, fwd.h_norm)
+    opt = make_optimizer(delta, policy, fwd.h_norm, metric)
     tol = _CHECK_TOL.get(fwd.hL.dtype, _CHECK_TOL_LOW)
 
     def check(tok_logp, ess_logp):  # δ = 0: the fast forward must reproduce the ordinary one

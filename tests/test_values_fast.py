@@ -232,3 +232,28 @@ def test_normalized_optimizer_is_the_same_in_every_loop(tiny):
         one = optimize_value_fast(model, tok, g, CONTEXTS, LAYER[arch], pol, None, seed=i)
         assert j.steps == one.steps
         assert rel(j.delta, one.delta) < 1e-4
+
+
+def test_steps_in_a_metric_are_the_same_in_every_loop(tiny):
+    """value_metric fisher: the joint loop and the per-group loops step δ in the same metric,
+    each step step_size·‖h‖ long in it, and the metric changes δ."""
+    from lifelong.values import optimize_value
+    from lifelong.values_batched import optimize_values_batched
+
+    arch, model, tok = tiny
+    d = model.config.hidden_size
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)))
+    F = q @ torch.diag(torch.logspace(-1, 1, d)) @ q.t()
+    M = torch.linalg.inv(F)
+    pol = policy(arch, optimizer="normalized", step_size=0.05, steps=6, early_stop_loss=0.0, weight_decay=0.0)
+    slow = optimize_value(model, tok, ONE, CONTEXTS, LAYER[arch], pol, None, metric=M)
+    fast = optimize_value_fast(model, tok, ONE, CONTEXTS, LAYER[arch], pol, None, metric=M)
+    plain = optimize_value_fast(model, tok, ONE, CONTEXTS, LAYER[arch], pol, None)
+    assert rel(fast.delta, slow.delta) < 1e-4 and rel(fast.delta, plain.delta) > 1e-2
+    assert 0 < float(fast.delta @ F @ fast.delta).__pow__(0.5) <= 6 * 0.05 * fast.h_norm * (1 + 1e-4)
+    groups = [ONE, SAME_SUBJECT]
+    joint = optimize_values_batched(model, tok, groups, CONTEXTS, LAYER[arch], pol, metric=M)
+    for i, (g, j) in enumerate(zip(groups, joint)):
+        one = optimize_value_fast(model, tok, g, CONTEXTS, LAYER[arch], pol, None, seed=i, metric=M)
+        assert j.steps == one.steps
+        assert rel(j.delta, one.delta) < 1e-4
