@@ -59,10 +59,12 @@ VARIANTS = {  # name -> (label, push-time policy overrides[, init-time policy ov
     "margin1": ("alignment off, stop at a 1-nat argmax margin (stop_margin 1)", {"align": False, "stop_margin": 1.0}),
     "memit10": ("the shipped policy with λ 10 (writes more of each residual against a 200k-token C₀)",
                 {"mom2_weight": 10.0}),
+    "euclidean": ("the shipped policy with δ stepped in ‖δ‖, not in the residual Fisher",
+                  {"value_metric": "euclidean"}),
 }
 SCENARIO_VARIANTS = {
     "counterfact": ["full", "no_align", "no_merge", "no_project", "projected", "alphaedit", "shipped"],
-    "tuning": ["full_alpha10", "full_clamp075", "full_lr05", "full_t5e3", "full_c100k", "combo", "preserve2000", "preserve500", "margin1", "memit10"],
+    "tuning": ["full_alpha10", "full_clamp075", "full_lr05", "full_t5e3", "full_c100k", "combo", "preserve2000", "preserve500", "margin1", "memit10", "euclidean"],
     "same_subject": ["full", "no_merge", "shipped"],
     "supersession": ["full", "shipped"],
 }

@@ -36,6 +36,7 @@ ADAM_ERA = "adam lr 1"   # the rows made before the base policy was written down
 def describe(pol) -> str:
     """The settings of a policy that set how values are optimized and written, in a few words."""
     words = [f"adam lr {pol.lr:g}" if pol.optimizer == "adam" else f"normalized {pol.step_size:g}"]
+    words += [f"in the residual Fisher ({pol.fisher_tokens // 1000}k tokens)"] if pol.value_metric == "fisher" else []
     words += [f"min_realized {pol.min_realized:g}"] if pol.min_realized > 0 else []
     words += [f"rescale_max {pol.rescale_max:g}"] if pol.rescale_max > 1 else []
     words += [f"sweeps {pol.sweeps}"] if pol.sweeps > 1 else []

@@ -79,6 +79,9 @@ def test_shipped_values_match_the_published_ones():
     assert (smol.project, smol.hold_earlier, smol.merged_steps) == (False, True, 80)   # tuned here (header)
     assert all(p.project and not p.hold_earlier for p in (llama3, gpt2, gptj, qwen))   # AlphaEdit as published
     assert smol.nullspace_threshold == 0.01
+    assert (smol.corpus_tokens, smol.sampled_tokens) == (200_000, 20_000)              # a truer C₀ from a file
+    assert (smol.optimizer, smol.value_metric, smol.fisher_tokens) == ("normalized", "fisher", 32768)
+    assert all(p.value_metric == "euclidean" for p in (llama3, gpt2, gptj, qwen))     # as published
     assert smol.n_contexts == 6 and smol.module_name(4) == "model.layers.4.mlp.down_proj"
 
 
