@@ -17,6 +17,22 @@ from .errors import BadInput
 OPENERS = ["The", "Therefore", "Because", "I", "You", "In", "A", "When", "It", "This", "After", "Many"]
 
 
+def padded_batches(seqs: list[list[int]], batch: int, device, by_length: bool = True):
+    """Yield (ids, mask), each (n, T) long on device, for batches of token sequences,
+    right-padded with 0 (mask 0 there); by_length batches sequences of similar length together."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if by_length else range(len(seqs))
+    order = list(order)
+    for start in range(0, len(order), batch):
+        chunk = [seqs[i] for i in order[start : start + batch]]
+        width = max(len(s) for s in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, s in enumerate(chunk):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        yield ids.to(device), mask.to(device)
+
+
 def read_corpus(path: str | Path) -> list[str]:
     """Paragraphs of a plain-text or JSONL ("text" field) corpus file."""
     p = Path(path)

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .corpus import padded_batches
 from .prompts import Row, pad_rows, target_index
 
 
@@ -47,15 +48,7 @@ def perplexity(model, seqs: list[list[int]], batch: int = 8) -> float:
     """exp(mean NLL) over every next-token prediction in seqs."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(seqs), batch):
-        part = seqs[start : start + batch]
-        width = max(len(s) for s in part)
-        ids = torch.zeros((len(part), width), dtype=torch.long)
-        mask = torch.zeros((len(part), width), dtype=torch.long)
-        for i, s in enumerate(part):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+    for ids, mask in padded_batches(seqs, batch, device, by_length=False):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         m = mask[:, 1:].float()

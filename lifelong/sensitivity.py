@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .corpus import padded_batches
 from .trace import hooks
 
 RIDGE = 0.01   # × mean eigenvalue: keeps F invertible when estimated from fewer tokens than d_model
@@ -61,16 +62,7 @@ def residual_fisher(model, layer_names: list[str], seqs: list[list[int]], batch:
     total: dict[str, torch.Tensor] = {}
     count = 0
     with _frozen(model), hooks(model, spec):
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))   # similar lengths per batch
-        for start in range(0, len(order), batch):
-            chunk = [seqs[i] for i in order[start : start + batch]]
-            width = max(len(s) for s in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, s in enumerate(chunk):
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
-            ids, mask = ids.to(device), mask.to(device)
+        for ids, mask in padded_batches(seqs, batch, device):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits   # (n, T, vocab)
             scored = mask[:, 1:].bool()                                                    # (n, T-1)
             nll = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), ids[:, 1:][scored],

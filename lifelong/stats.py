@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .corpus import padded_batches
 from .trace import _Stop, hooks
 
 
@@ -47,19 +48,11 @@ def second_moments(model, module_names: list[str], seqs: list[list[int]], batch:
         return pre
 
     spec = {n: ("pre", make(n, i == len(module_names) - 1)) for i, n in enumerate(module_names)}
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths per batch
     with hooks(model, spec):
-        for start in range(0, len(order), batch):
-            chunk = [seqs[i] for i in order[start : start + batch]]
-            width = max(len(s) for s in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, s in enumerate(chunk):
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
-            state["mask"] = mask.to(device)
+        for ids, mask in padded_batches(seqs, batch, device):
+            state["mask"] = mask
             try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
             except _Stop:
                 pass
             n_tok = int(mask.sum())
