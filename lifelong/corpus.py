@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
+from .hf_cache import cache_kwarg, cache_of
 
 # Openers for sampled text, as in MEMIT's context templates.
 OPENERS = ["The", "Therefore", "Because", "I", "You", "In", "A", "When", "It", "This", "After", "Many"]
@@ -99,8 +100,8 @@ def sample_sequences(model, tok, n_seq: int, length: int, seed: int, top_k: int 
         step_ids, new = ids, []
         for _ in range(length):
             res = model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                        past_key_values=past, use_cache=True)
-            past = res.past_key_values
+                        use_cache=True, **{cache_kwarg(model): past})
+            past = cache_of(res)
             logits = res.logits[:, -1, :].float().cpu()  # (count, vocab)
             kth = torch.topk(logits, top_k, dim=-1)
             probs = torch.softmax(kth.values, dim=-1)

@@ -41,6 +41,7 @@ import torch
 
 from .alignment import AlignmentTerm
 from .facts import Fact
+from .hf_cache import cache_kwarg, cache_of
 from .lean_llama import lean_layers, run_lean
 from .prompts import Row, pad_rows, target_index
 from .trace import _hidden, _Stop
@@ -83,10 +84,10 @@ class _Arch:
             pe = self.rotary(h, position_ids)
         for i in range(lo, hi):
             if self.kind == "rope":
-                h = self.layers[i](h, attention_mask=mask, position_ids=position_ids, past_key_values=kv,
-                                   use_cache=False, position_embeddings=pe)
+                h = self.layers[i](h, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                                   position_embeddings=pe, **{cache_kwarg(self.layers[i]): kv})
             else:
-                h = self.layers[i](h, past_key_values=kv, attention_mask=mask, use_cache=False)
+                h = self.layers[i](h, attention_mask=mask, use_cache=False, **{cache_kwarg(self.layers[i]): kv})
             h = _hidden(h)
         return h
 
@@ -271,7 +272,7 @@ def _stems(model, ids, lens, subj, pad_id: int, n_layers: int):
     kv = {}
     if stems:
         s_ids, s_mask = pad_rows([Row(x, len(x), -1) for x in stems], pad_id, device)
-        cache = model.base_model(input_ids=s_ids, attention_mask=s_mask, use_cache=True).past_key_values
+        cache = cache_of(model.base_model(input_ids=s_ids, attention_mask=s_mask, use_cache=True))
         for i in range(n_layers):
             sk, sv = cache.layers[i].keys, cache.layers[i].values
             if sk.shape[0] != len(stems) or sk.shape[-2] != s_ids.shape[1]:
