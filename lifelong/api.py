@@ -398,7 +398,9 @@ def fluency(model, tok, prompts: list[str], new_tokens: int = FLUENCY_TOKENS) ->
     side, tok.padding_side = tok.padding_side, "left"
     try:
         enc = tok(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
-        out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],  # no token_type_ids:
+                             max_new_tokens=new_tokens, do_sample=False,             # 4.57 rejects them
+                             pad_token_id=tok.pad_token_id)
     finally:
         tok.padding_side = side
     return ngram_entropy(out[:, enc["input_ids"].shape[1]:].tolist())
