@@ -389,14 +389,21 @@ def write_report(out: Path, work: Path, runs, args, argv) -> None:
                          f"{_fmt(e['retention_batch1'])} | {_fmt(e['perplexity_drift'])} | "
                          f"{_fmt(e['fluency'], pct=False)} | {per_fact:.2f} |")
         lines.append("")
-        if scenario == "counterfact" and "full" in rs:
-            e = rs["full"]["batches"][-1]
-            lines += ["Targets (full method, at the end):", ""]
-            for k, (op, t) in TARGETS.items():
-                v = e.get(k)
-                ok = v is not None and (v >= t if op == ">=" else v <= t)
-                lines.append(f"- {k} {_fmt(v)} (target {op} {100 * t:.0f} %): {'met' if ok else 'NOT met'}")
-            lines.append("")
+        if scenario == "counterfact":
+            for v in ("shipped", "full"):
+                if v in rs:
+                    e = rs[v]["batches"][-1]
+                    lines += [f"Targets ({VARIANTS[v][0]}, at {e['edits']} edits):", ""]
+                    for k, (op, t) in TARGETS.items():
+                        x = e.get(k)
+                        ok = x is not None and (x >= t if op == ">=" else x <= t)
+                        lines.append(f"- {k} {_fmt(x)} (target {op} {100 * t:.0f} %): {'met' if ok else 'NOT met'}")
+                    lines.append("")
+        ref = "shipped" if "shipped" in rs else "full"
+        verdicts = against_ablations(rs, ref)
+        if verdicts:
+            lines += [f"Against each other variant at equal edits (the method: {VARIANTS[ref][0]}; "
+                      "why, where it does not win: `quality_notes.md`):", ""] + [f"- {x}" for x in verdicts] + [""]
         if scenario == "supersession":
             lines += ["| variant | newest value wins | first value gone | other facts of the subject hold |",
                       "|---|---:|---:|---:|"]
@@ -420,6 +427,28 @@ def write_report(out: Path, work: Path, runs, args, argv) -> None:
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({f"{s}/{v}": r for (s, v), r in results.items()}, indent=1) + "\n")
     print(out.read_text())
+
+
+def against_ablations(rs: dict, ref: str) -> list[str]:
+    """Per other variant: does `ref` beat it on efficacy or retention of batch 1, at the most
+    edits both runs reached (runs cut off by --deadline compare where they stopped)?"""
+    if ref not in rs:
+        return []
+    out = []
+    for v, r in rs.items():
+        if v == ref or not r["batches"]:
+            continue
+        n = min(rs[ref]["batches"][-1]["edits"], r["batches"][-1]["edits"])
+        a = next(b for b in rs[ref]["batches"] if b["edits"] == n)
+        b = next(b for b in r["batches"] if b["edits"] == n)
+        won = [k for k in ("efficacy", "retention_batch1")
+               if a.get(k) is not None and b.get(k) is not None and a[k] > b[k]]
+        detail = ", ".join(f"{k.replace('_', ' ')} {_fmt(a.get(k))} vs {_fmt(b.get(k))}"
+                           for k in ("efficacy", "retention_batch1", "perplexity_drift"))
+        verdict = f"beats it on {' and '.join(k.replace('_', ' ') for k in won)}" if won else \
+            "does NOT beat it on efficacy or retention"
+        out.append(f"{VARIANTS[v][0]}, at {n} edits: {ref} {verdict} ({detail})")
+    return out
 
 
 def plot(scenario: str, rs: dict, folder: Path, stem: str = "quality") -> Path | None:

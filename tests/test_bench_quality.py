@@ -32,3 +32,17 @@ def test_benchmark_batches_pass_validation(tmp_path):
     assert len(cases) == 5 and all(c["third"]["target"] != c["first"]["target"] for c in cases)
     for i, b in enumerate(batches + sup + quality.counterfact_batches(100, 50)):
         load_facts(quality.write_batch(tmp_path / f"b{i}.jsonl", b))  # raises on any invalid line
+
+
+def test_the_report_says_where_the_method_does_not_beat_an_ablation():
+    def run(*rows):
+        return {"batches": [{"edits": e, "efficacy": eff, "retention_batch1": ret, "perplexity_drift": 0.01}
+                            for e, eff, ret in rows]}
+
+    rs = {"shipped": run((50, 0.9, 0.9), (100, 0.8, 0.7)),
+          "full": run((50, 0.95, 0.8), (100, 0.9, 0.9), (150, 0.5, 0.5)),   # better at the 100 edits both reached
+          "no_merge": run((50, 0.85, 0.95))}                               # stopped early: compared at 50
+    full, no_merge = quality.against_ablations(rs, "shipped")
+    assert "at 100 edits" in full and "does NOT beat" in full
+    assert "at 50 edits" in no_merge and "beats it on efficacy" in no_merge and "retention" not in no_merge.split("(")[0]
+    assert quality.against_ablations(rs, "projected") == []
