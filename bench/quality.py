@@ -63,10 +63,10 @@ VARIANTS = {  # name -> (label, push-time policy overrides[, init-time policy ov
                   {"value_metric": "euclidean"}),
 }
 SCENARIO_VARIANTS = {
-    "counterfact": ["full", "no_align", "no_merge", "no_project", "projected", "alphaedit", "shipped"],
+    "counterfact": ["shipped", "full", "no_align", "no_merge", "no_project", "projected", "alphaedit"],
     "tuning": ["full_alpha10", "full_clamp075", "full_lr05", "full_t5e3", "full_c100k", "combo", "preserve2000", "preserve500", "margin1", "memit10", "euclidean"],
-    "same_subject": ["full", "no_merge", "shipped"],
-    "supersession": ["full", "shipped"],
+    "same_subject": ["shipped", "full", "no_merge"],
+    "supersession": ["shipped", "full"],
 }
 METRICS = ["efficacy", "prefixed", "paraphrase", "neighbors_unchanged", "perplexity_drift", "fluency"]
 TARGETS = {  # DESIGN/issue targets for the counterfact scenario, at the end
@@ -261,6 +261,23 @@ def ensure_init(work: Path, overrides: dict) -> None:
     (work / f"{name}.seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
 
 
+def shared_runs(runs) -> dict:
+    """(scenario, variant) -> the earlier run of the same scenario whose variant comes to the
+    same policy (e.g. alignment off when the shipped policy has it off): run once, reported twice."""
+    from lifelong.policy import find_policy, load_policy
+
+    shipped = load_policy(find_policy("smollm2-135m"))
+    first, alias = {}, {}
+    for s, v in runs:
+        pol = shipped.with_overrides(**init_overrides(v), **push_overrides(v))
+        key = (s, init_name(v), pol.model_dump_json())
+        if key in first:
+            alias[(s, v)] = first[key]
+        else:
+            first[key] = (s, v)
+    return alias
+
+
 def init_name_of(overrides: dict) -> str:
     return "init" + "".join(f"-{k}{v:g}" for k, v in sorted(overrides.items()))
 
@@ -297,11 +314,12 @@ def main(argv=None) -> None:
         return
     runs = [(s, v) for s in args.scenarios.split(",")
             for v in (args.variants.split(",") if args.variants else SCENARIO_VARIANTS[s])]
+    alias = shared_runs(runs)
     if not args.report_only:
         for ov in {json.dumps(init_overrides(v), sort_keys=True) for _, v in runs}:
             ensure_init(work, json.loads(ov))
-        run_parallel(runs, work, args)
-    write_report(Path(args.out), work, runs, args, argv if argv is not None else sys.argv[1:])
+        run_parallel([r for r in runs if r not in alias], work, args)
+    write_report(Path(args.out), work, runs, args, argv if argv is not None else sys.argv[1:], alias)
 
 
 def run_parallel(runs, work: Path, args) -> None:
@@ -344,10 +362,13 @@ def _fmt(v, pct=True) -> str:
     return f"{100 * v:.1f} %" if pct else f"{v:.2f}"
 
 
-def write_report(out: Path, work: Path, runs, args, argv) -> None:
+def write_report(out: Path, work: Path, runs, args, argv, alias=None) -> None:
+    """alias: runs not made because another variant comes to the same policy (`shared_runs`);
+    they are reported with that run's results."""
+    alias = alias or {}
     results = {}
     for s, v in runs:
-        f = work / f"{s}-{v}.json"
+        f = work / "{}-{}.json".format(*alias.get((s, v), (s, v)))
         if f.exists():
             results[(s, v)] = json.loads(f.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -384,7 +405,9 @@ def write_report(out: Path, work: Path, runs, args, argv) -> None:
         for v, r in rs.items():
             e = r["batches"][-1]
             per_fact = sum(b["push_seconds"] for b in r["batches"]) / max(1, e["edits"])
-            lines.append(f"| {VARIANTS[v][0]} | {e['edits']} | {e['live_facts']} | {_fmt(e['efficacy'])} | "
+            same = alias.get((scenario, v))
+            label = VARIANTS[v][0] + (f" (the same policy as {same[1]}: its run)" if same else "")
+            lines.append(f"| {label} | {e['edits']} | {e['live_facts']} | {_fmt(e['efficacy'])} | "
                          f"{_fmt(e['prefixed'])} | {_fmt(e['paraphrase'])} | {_fmt(e['neighbors_unchanged'])} | "
                          f"{_fmt(e['retention_batch1'])} | {_fmt(e['perplexity_drift'])} | "
                          f"{_fmt(e['fluency'], pct=False)} | {per_fact:.2f} |")
@@ -400,7 +423,9 @@ def write_report(out: Path, work: Path, runs, args, argv) -> None:
                         lines.append(f"- {k} {_fmt(x)} (target {op} {100 * t:.0f} %): {'met' if ok else 'NOT met'}")
                     lines.append("")
         ref = "shipped" if "shipped" in rs else "full"
-        verdicts = against_ablations(rs, ref)
+        run_of = lambda v: alias.get((scenario, v), (scenario, v))  # noqa: E731
+        twins = {v for v in rs if v != ref and run_of(v) == run_of(ref)}
+        verdicts = against_ablations(rs, ref, twins)
         if verdicts:
             lines += [f"Against each other variant at equal edits (the method: {VARIANTS[ref][0]}; "
                       "why, where it does not win: `quality_notes.md`):", ""] + [f"- {x}" for x in verdicts] + [""]
@@ -429,13 +454,17 @@ def write_report(out: Path, work: Path, runs, args, argv) -> None:
     print(out.read_text())
 
 
-def against_ablations(rs: dict, ref: str) -> list[str]:
+def against_ablations(rs: dict, ref: str, twins: set = frozenset()) -> list[str]:
     """Per other variant: does `ref` beat it on efficacy or retention of batch 1, at the most
-    edits both runs reached (runs cut off by --deadline compare where they stopped)?"""
+    edits both runs reached (runs cut off by --deadline compare where they stopped)?
+    twins: variants that come to ref's own policy, said so instead of compared."""
     if ref not in rs:
         return []
     out = []
     for v, r in rs.items():
+        if v in twins:
+            out.append(f"{VARIANTS[v][0]}: the same policy as {ref} (one run)")
+            continue
         if v == ref or not r["batches"]:
             continue
         n = min(rs[ref]["batches"][-1]["edits"], r["batches"][-1]["edits"])

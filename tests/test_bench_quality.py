@@ -46,3 +46,18 @@ def test_the_report_says_where_the_method_does_not_beat_an_ablation():
     assert "at 100 edits" in full and "does NOT beat" in full
     assert "at 50 edits" in no_merge and "beats it on efficacy" in no_merge and "retention" not in no_merge.split("(")[0]
     assert quality.against_ablations(rs, "projected") == []
+
+
+def test_variants_that_come_to_the_same_policy_run_once():
+    runs = [("counterfact", v) for v in ("shipped", "no_align", "no_merge", "full")]
+    alias = quality.shared_runs(runs)
+    shipped_aligns = "full" in alias  # whichever switch the shipped policy already has set
+    assert alias.get(("counterfact", "no_align")) == ("counterfact", "shipped") or shipped_aligns
+    assert ("counterfact", "no_merge") not in alias and ("counterfact", "shipped") not in alias
+    assert quality.shared_runs([("same_subject", "no_align"), ("counterfact", "no_align")]) == {}
+
+
+def test_a_variant_with_the_reference_policy_is_said_to_be_it_not_compared():
+    run = {"batches": [{"edits": 50, "efficacy": 0.9, "retention_batch1": 0.9, "perplexity_drift": 0.01}]}
+    (line,) = quality.against_ablations({"shipped": run, "no_align": run}, "shipped", {"no_align"})
+    assert "the same policy as shipped" in line and "NOT" not in line
