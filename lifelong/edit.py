@@ -14,7 +14,7 @@ import torch
 
 from .alignment import ResidualBank
 from .facts import Fact
-from .keys import BatchKeys, group_mean
+from .keys import BatchKeys, group_mean, write_units
 from .trace import layer_name
 from .update import memit_update, projected_update
 from .values import ValueResult, reached_stop
@@ -69,8 +69,8 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     out_layer = layer_name(policy.module_template, L)
 
     t = time.perf_counter()
-    current = BatchKeys(model, tok, groups, contexts, policy.module_template, layers, bare_key=policy.bare_key)
-    ug = current.unit_group                                           # (u,) group of each unit
+    current = BatchKeys(model, tok, groups, contexts, policy.module_template, layers)
+    ug = write_units(groups)                                          # (u,) group of each unit (fact)
     bank_keys, h_start = group_mean(current.keys[L], ug, len(groups)), current.out
     timings["keys"] = time.perf_counter() - t
 
@@ -112,17 +112,16 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
                                     policy, layer_ctx, modules, log, "first pass: " if probe else "")
     written = realized >= policy.min_realized if policy.min_realized > 0 else torch.ones_like(realized, dtype=torch.bool)
     if probe and (policy.rescale_max > 1 or not written.all()):
-        facts = [f for g in groups for f in g.facts]
+        unit_facts = [f for g in groups for f in g.facts]                # the units, in order
         for j in (~written).nonzero().flatten().tolist():
-            g, fact = groups[int(ug[j])], facts[int(current.unit_fact[j])]
-            where = (" (its bare prompt)" if j % 2 == 0 else " (its prefixed contexts)") if policy.bare_key else ""
-            what = f"group {g.subject!r}{where}" if len(g.facts) == 1 else \
-                f"fact {fact.render()!r}{where} of group {g.subject!r}"
+            g = groups[int(ug[j])]
+            what = f"group {g.subject!r}" if len(g.facts) == 1 else \
+                f"fact {unit_facts[j].render()!r} of group {g.subject!r}"
             log(f"{what} left unwritten: the first pass wrote {float(realized[j]):.0%} "
                 f"of its δ (min_realized {policy.min_realized:g}); its key is held in place")
         for l, w in start.items():
             write_matrix(modules[l], w)
-        current = BatchKeys(model, tok, groups, contexts, policy.module_template, layers, bare_key=policy.bare_key)
+        current = BatchKeys(model, tok, groups, contexts, policy.module_template, layers)
         z = h_start + du * (1 / realized.clamp(min=1e-6)).clamp(min=1.0, max=policy.rescale_max)[:, None]
         parts, keys, realized = _spread(current, z, h_start, du, written, range(policy.sweeps),
                                         policy, layer_ctx, modules, log, "spread again: ")

@@ -1,8 +1,8 @@
 """Keys and subject outputs of one batch, kept current through MEMIT's spreading.
 
-Before the update of each edited layer l, spreading needs every write unit's mean key at l
-(the input of the edited matrix at the last subject token, over the unit's contexts)
-and its h^L at the subject (the bare prompt's), on the model as the updates
+Before the update of each edited layer l, spreading needs every group's mean key at l
+(the input of the edited matrix at the last subject token, over its facts × contexts)
+and mean h^L at the subject (over its facts' bare prompts), on the model as the updates
 of the layers before l left it. Rows end at the last subject token: nothing after it
 reaches those positions.
 
@@ -34,61 +34,52 @@ class _Part:
     mask: torch.Tensor            # (n, T)
     pos: torch.Tensor             # (n,) last subject token
     owner: torch.Tensor           # (n,) group of each row (CPU)
-    scored: torch.Tensor          # (n,) bool: h^L of its unit is read here (the bare prompt) (CPU)
+    bare: torch.Tensor            # (n,) bool: the bare-prompt context (CPU)
     inputs: torch.Tensor | None = None   # (n, T, d) input of the decoder layer the next pass starts at
 
 
-def write_units(groups, bare_key: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group and the fact (index over all groups' facts in order) of each write unit.
-
-    One unit per fact of every group: a merged group's facts share one δ but not one key (the
-    words before the subject, and how the subject splits into tokens at the start of a prompt,
-    "Athens, ..." is 'At'+'hens', "... of Athens" one token, give each fact's prompt its own
-    key, and a mean over them writes δ fully at none). With bare_key, two per fact: its bare
-    prompt, then its prefixed contexts (the policy field says why)."""
-    per = 2 if bare_key else 1
-    group = [gi for gi, g in enumerate(groups) for _ in g.facts for _ in range(per)]
-    fact = [fi for fi in range(sum(len(g.facts) for g in groups)) for _ in range(per)]
-    return torch.tensor(group, dtype=torch.long), torch.tensor(fact, dtype=torch.long)
+def write_units(groups) -> torch.Tensor:
+    """The group of each write unit: one unit per fact of every group. A merged group's facts
+    share one δ but not one key: the words before the subject, and how the subject splits into
+    tokens at the start of a prompt ("Athens, ..." is 'At'+'hens', "... of Athens" one token),
+    give each fact's prompt its own key, and a mean over them writes δ fully at none."""
+    return torch.tensor([gi for gi, g in enumerate(groups) for _ in g.facts], dtype=torch.long)
 
 
-def _rows_for(tok, groups, contexts: list[str], bare_key: bool):
+def _rows_for(tok, groups, contexts: list[str]):
     """Prompt rows ending at the last subject token: every fact × context of every group,
-    each owned by its write unit (`write_units`' order), and whether the row is one of those
-    the unit's h^L is read at (the bare prompt; with bare_key every row of its unit)."""
-    rows, owner, scored = [], [], []
-    for fi, fact in enumerate(f for g in groups for f in g.facts):
+    each owned by its write unit (the fact)."""
+    rows, owner, is_bare = [], [], []
+    for unit, fact in enumerate(f for g in groups for f in g.facts):     # write_units' order
         for ci, ctx in enumerate(contexts):
             r = make_row(tok, ctx, fact.prompt, fact.subject, None)
             if r.subject_pos < 0:
                 raise EditFailed(f"could not locate the subject's last token in {fact.render()!r}")
             rows.append(Row(r.ids[: r.subject_pos + 1], r.subject_pos + 1, r.subject_pos))
-            owner.append(2 * fi + (ci > 0) if bare_key else fi)
-            scored.append(bare_key or ci == 0)
-    return rows, owner, scored
+            owner.append(unit)
+            is_bare.append(ci == 0)
+    return rows, owner, is_bare
 
 
 class BatchKeys:
     """keys[l]: (n_units, d_in) mean key at edited layer l over each write unit's contexts;
-    out: (n_units, d_model) h^L at the subject of each unit's bare prompt (with bare_key: the
-    mean over the unit's own contexts); both for the model's current weights once
-    `after_update` was called for each layer updated since construction. Units are
-    `write_units(groups, bare_key)`: unit_group and unit_fact."""
+    out: (n_units, d_model) h^L at the subject of each unit's bare prompt; both for the
+    model's current weights once `after_update` was called for each layer updated since
+    construction. Units are the groups' facts in order (`write_units`)."""
 
     def __init__(self, model, tok, groups, contexts: list[str], template: str, layers: list[int],
-                 batch: int = 64, bare_key: bool = False):
+                 batch: int = 64):
         self.model, self.template, self.layers = model, template, list(layers)
-        self.unit_group, self.unit_fact = write_units(groups, bare_key)
-        self.n = len(self.unit_group)                                      # write units
+        self.n = sum(len(g.facts) for g in groups)                         # write units
         device = next(model.parameters()).device
-        rows, owner, scored = _rows_for(tok, groups, contexts, bare_key)
+        rows, owner, is_bare = _rows_for(tok, groups, contexts)
         self.parts = []
         for start in range(0, len(rows), batch):
             part = rows[start : start + batch]
             ids, mask = pad_rows(part, tok.pad_token_id, device)
             self.parts.append(_Part(ids, mask, torch.tensor([r.subject_pos for r in part], device=device),
                                     torch.tensor(owner[start : start + batch]),
-                                    torch.tensor(scored[start : start + batch])))
+                                    torch.tensor(is_bare[start : start + batch])))
         arch = _recognise(model, layer_name(template, self.layers[-1]))
         self.arch = None if isinstance(arch, str) else arch
         self.cached: int | None = None     # decoder layer whose input the parts hold
@@ -149,16 +140,16 @@ class BatchKeys:
             part.inputs = got.get("inputs")
             for l in read:
                 key_sum[l] = _add(key_sum[l], part.owner, got[l], self.n)
-            h = got["h"][ar, part.pos].float().cpu()[part.scored]
-            out_sum = _add(out_sum, part.owner[part.scored], h, self.n)
+            h = got["h"][ar, part.pos].float().cpu()[part.bare]
+            out_sum = _add(out_sum, part.owner[part.bare], h, self.n)
         self.cached = keep
         for l in read:
             self.keys[l] = key_sum[l] / self._count(None)[:, None]
         self.out = out_sum / self._count(True)[:, None]
 
-    def _count(self, scored: bool | None) -> torch.Tensor:
-        """Rows per unit: all of them (None) or those h^L is read at (True)."""
-        own = torch.cat([p.owner if scored is None else p.owner[p.scored] for p in self.parts])
+    def _count(self, bare: bool | None) -> torch.Tensor:
+        """Rows per unit: all of them (None) or the bare-prompt ones (True)."""
+        own = torch.cat([p.owner if bare is None else p.owner[p.bare] for p in self.parts])
         return torch.zeros(self.n).index_add_(0, own, torch.ones(len(own)))
 
 

@@ -135,15 +135,6 @@ class Policy(BaseModel):
         ge=1,
         description="Length of each sampled prefix (tokens, including its seed word).",
     )
-    bare_key: bool = Field(
-        False,
-        description="Write each fact's δ at two keys: the bare prompt's and the mean over the "
-        "prefixed contexts (two write units per fact). MEMIT writes at the mean over all "
-        "contexts; where the subject opens the prompt, the bare prompt's key stands far from "
-        "the prefixed ones (on SmolLM2 its whitened overlap with that mean is 0.1-0.5), so the "
-        "prompt users ask gets only part of δ and spreading over-writes the prefixed contexts "
-        "chasing it. False: MEMIT/AlphaEdit as published.",
-    )
 
     # value optimization
     steps: int = Field(

@@ -24,14 +24,13 @@ TEMPLATES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}
 LAYERS = [0, 1, 2]
 
 
-def whole_passes(model, tok, template: str, layer: int, bare_key: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def whole_passes(model, tok, template: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean key at `layer` over contexts and h^L of the bare prompt per write unit (fact),
-    one full prompt at a time; with bare_key two units per fact, the bare prompt (its key and
-    h^L) and the prefixed contexts (their mean key and mean h^L)."""
+    one full prompt at a time."""
     keys_, outs = [], []
     for g in GROUPS:
         for fact in g.facts:
-            k, h = [], []
+            k = []
             for ci, ctx in enumerate(CONTEXTS):
                 row = make_row(tok, ctx, fact.prompt, fact.subject, None)
                 got = {}
@@ -41,34 +40,26 @@ def whole_passes(model, tok, template: str, layer: int, bare_key: bool = False) 
                 with hooks(model, spec), torch.no_grad():
                     model(input_ids=torch.tensor([row.ids]))
                 k.append(got["k"])
-                h.append(got["h"])
-            if bare_key:
-                keys_ += [k[0], torch.stack(k[1:]).mean(0)]
-                outs += [h[0], torch.stack(h[1:]).mean(0)]
-            else:
-                keys_.append(torch.stack(k).mean(0))
-                outs.append(h[0])
+                if ci == 0:
+                    outs.append(got["h"])
+            keys_.append(torch.stack(k).mean(0))
     return torch.stack(keys_), torch.stack(outs)
 
 
 def test_a_merged_group_writes_one_unit_per_fact():
-    group, fact = keys.write_units(GROUPS)
-    assert group.tolist() == [0, 0, 1, 2] and fact.tolist() == [0, 1, 2, 3]
-    group, fact = keys.write_units(GROUPS, bare_key=True)      # bare prompt, then prefixed contexts
-    assert group.tolist() == [0, 0, 0, 0, 1, 1, 2, 2] and fact.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert keys.write_units(GROUPS).tolist() == [0, 0, 1, 2]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("recognised", [True, False], ids=["partial-passes", "whole-passes"])
-@pytest.mark.parametrize("bare_key", [False, True], ids=["mean-key", "bare-key"])
-def test_keys_follow_each_layer_update(arch, recognised, bare_key, tiny_llama_dir, tiny_gpt2_dir, monkeypatch):
+def test_keys_follow_each_layer_update(arch, recognised, tiny_llama_dir, tiny_gpt2_dir, monkeypatch):
     path = tiny_llama_dir if arch == "llama" else tiny_gpt2_dir
     model = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path)
     template = TEMPLATES[arch]
     if not recognised:
         monkeypatch.setattr(keys, "_recognise", lambda *_a: "not recognised in this test")
-    current = BatchKeys(model, tok, GROUPS, CONTEXTS, template, LAYERS, batch=4, bare_key=bare_key)   # several batches
+    current = BatchKeys(model, tok, GROUPS, CONTEXTS, template, LAYERS, batch=4)   # several batches of rows
     assert (current.cached == LAYERS[0]) == recognised       # the next pass starts at layer 0, not the tokens
     g = torch.Generator().manual_seed(0)
     before = None
@@ -77,7 +68,7 @@ def test_keys_follow_each_layer_update(arch, recognised, bare_key, tiny_llama_di
             current.after_update(LAYERS[i - 1])
             assert not torch.allclose(current.keys[layer], before, atol=1e-3)   # the update reached it
         for later in LAYERS[i:]:
-            k, out = whole_passes(model, tok, template, later, bare_key)
+            k, out = whole_passes(model, tok, template, later)
             torch.testing.assert_close(current.keys[later], k, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(current.out, out, rtol=1e-5, atol=1e-5)
         if i + 1 < len(LAYERS):
@@ -93,5 +84,5 @@ def test_keys_follow_each_layer_update(arch, recognised, bare_key, tiny_llama_di
     assert (current.cached == L) == recognised
     current.after_update(L)
     assert not torch.allclose(current.out, out_before, atol=1e-3)
-    _, out = whole_passes(model, tok, template, L, bare_key)
+    _, out = whole_passes(model, tok, template, L)
     torch.testing.assert_close(current.out, out, rtol=1e-5, atol=1e-5)

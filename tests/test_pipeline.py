@@ -331,29 +331,3 @@ def test_a_merged_value_is_written_at_each_of_its_facts_keys(tiny_store, tmp_pat
         K = torch.from_numpy(arrays[f"layer{l}/K"]).double()
         assert torch.allclose(ctx[l].KpKpT, K.t() @ K, rtol=1e-4, atol=1e-4)           # all three held
     assert len(bank) == 2                                                              # the bank: one per group
-
-
-def test_bare_key_writes_each_value_at_the_bare_prompt_too(tiny_store, tmp_path):
-    """bare_key: two write units per fact, the bare prompt's key and the prefixed contexts' mean
-    key, each a row of K and a factor column; each unit's h^L is read on its own contexts, so
-    the bare prompt, the one users ask, gets its δ like the prefixed contexts; rollback is exact."""
-    from lifelong.policy import policy_from_json
-
-    facts = [{"subject": "Brazil", "prompt": "{} has the capital", "target": "Oslo"},
-             {"subject": "Brazil", "prompt": "The official language of {} is", "target": "Dutch"},
-             {"subject": "Apple", "prompt": "{} makes the", "target": "piano"}]
-    path = write_jsonl(tmp_path / "b.jsonl", facts)
-    mean_key = api.push(copy_store(tiny_store, tmp_path / "mean"), path)
-    before = export_tensors(tiny_store, tmp_path / "before")
-    rep = api.push(tiny_store, path, policy_overrides={"bare_key": True})
-    st = Store.open(tiny_store)
-    arrays = st.batch_arrays(1)
-    assert arrays[api.UNITS].tolist() == [0, 0, 0, 0, 1, 1]
-    for l in policy_from_json(st.policy_json).layers:
-        assert arrays[f"layer{l}/K"].shape[0] == arrays[f"layer{l}/A"].shape[1] == 6
-    # more of every δ reaches h^L than with one mean key over all contexts (tiny models: .53-.85 -> .79-.93)
-    for g, g_mean in zip(rep.groups, mean_key.groups):
-        assert g["realized"] > g_mean["realized"] + 0.02, (g, g_mean)
-    api.rollback(tiny_store, to=0)
-    after = export_tensors(tiny_store, tmp_path / "after")
-    assert all(torch.equal(before[k], after[k]) for k in before)
