@@ -108,6 +108,7 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     modules = {l: get_module(model, module_name(policy.module_template, l)) for l in layers}
     probe = policy.min_realized > 0 or policy.rescale_max > 1
     start = {l: read_matrix(m) for l, m in modules.items()} if probe else None
+    keys_at_start = current.fork() if probe else None
     parts, keys, realized = _spread(current, z, h_start, du, None, range(1 if probe else policy.sweeps),
                                     policy, layer_ctx, modules, log, "first pass: " if probe else "")
     written = realized >= policy.min_realized if policy.min_realized > 0 else torch.ones_like(realized, dtype=torch.bool)
@@ -121,7 +122,7 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
                 f"of its δ (min_realized {policy.min_realized:g}); its key is held in place")
         for l, w in start.items():
             write_matrix(modules[l], w)
-        current = BatchKeys(model, tok, groups, contexts, policy.module_template, layers)
+        current = keys_at_start
         z = h_start + du * (1 / realized.clamp(min=1e-6)).clamp(min=1.0, max=policy.rescale_max)[:, None]
         parts, keys, realized = _spread(current, z, h_start, du, written, range(policy.sweeps),
                                         policy, layer_ctx, modules, log, "spread again: ")

@@ -15,7 +15,7 @@ rows × tokens × d_model floats (about 30 kB per fact and context on SmolLM2).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -86,6 +86,14 @@ class BatchKeys:
         self.keys: dict[int, torch.Tensor] = {}
         self.out = torch.empty(0)
         self._pass(None)
+
+    def fork(self) -> "BatchKeys":
+        """A copy that stays as this one is now while this one follows later updates: a second
+        spreading from the same start needs no new pass. Passes replace tensors, never write
+        into them, so the copy shares them."""
+        twin = object.__new__(BatchKeys)
+        twin.__dict__.update(self.__dict__, keys=dict(self.keys), parts=[replace(p) for p in self.parts])
+        return twin
 
     def after_update(self, layer: int) -> None:
         """Bring keys and outputs up to date after edited layer `layer` was updated (and

@@ -86,3 +86,40 @@ def test_keys_follow_each_layer_update(arch, recognised, tiny_llama_dir, tiny_gp
     assert not torch.allclose(current.out, out_before, atol=1e-3)
     _, out = whole_passes(model, tok, template, L)
     torch.testing.assert_close(current.out, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_fork_keeps_the_start_and_follows_updates_of_its_own(arch, tiny_llama_dir, tiny_gpt2_dir):
+    """The second spreading starts from a fork taken before the first: with the weights put
+    back, it equals a fresh BatchKeys, and it follows the next updates like one."""
+    path = tiny_llama_dir if arch == "llama" else tiny_gpt2_dir
+    model = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(path)
+    template = TEMPLATES[arch]
+    current = BatchKeys(model, tok, GROUPS, CONTEXTS, template, LAYERS, batch=4)
+    twin = current.fork()
+    start = {l: read_matrix(get_module(model, module_name(template, l))) for l in LAYERS}
+    g = torch.Generator().manual_seed(1)
+
+    def update(layer):
+        module = get_module(model, module_name(template, layer))
+        w = read_matrix(module)
+        write_matrix(module, w + 0.3 * w.abs().mean() * torch.randn(w.shape[0], 2, generator=g)
+                     @ torch.randn(2, w.shape[1], generator=g))
+
+    for layer in LAYERS:                       # the first spreading moves `current`
+        update(layer)
+        current.after_update(layer)
+    for l, w in start.items():
+        write_matrix(get_module(model, module_name(template, l)), w)
+    fresh = BatchKeys(model, tok, GROUPS, CONTEXTS, template, LAYERS, batch=4)
+    assert not torch.allclose(current.out, fresh.out, atol=1e-3)
+    for l in LAYERS:
+        assert torch.equal(twin.keys[l], fresh.keys[l])
+    assert torch.equal(twin.out, fresh.out) and twin.cached == fresh.cached
+    update(LAYERS[0])                          # the second spreading moves the fork
+    twin.after_update(LAYERS[0])
+    for later in LAYERS[1:]:
+        k, out = whole_passes(model, tok, template, later)
+        torch.testing.assert_close(twin.keys[later], k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(twin.out, out, rtol=1e-5, atol=1e-5)
