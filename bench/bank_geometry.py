@@ -25,30 +25,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leak_bound import report  # noqa: E402
 
+from lifelong.api import live_batch_arrays  # noqa: E402
 from lifelong.history import live_groups  # noqa: E402
 from lifelong.store import Store  # noqa: E402
 
 
 def live_bank(store: Store) -> tuple[np.ndarray, np.ndarray]:
     """Keys and residuals of the store's live groups, in batch order."""
-    by_batch: dict[int, list[int]] = {}
-    for b, g in live_groups(store.records):
-        by_batch.setdefault(b, []).append(g)
-    keys, deltas = [], []
-    for b, gs in sorted(by_batch.items()):
-        arr = store.batch_arrays(b, ["bank/keys", "bank/deltas"])
-        keys.append(arr["bank/keys"][gs])
-        deltas.append(arr["bank/deltas"][gs])
-    return np.concatenate(keys).astype(np.float64), np.concatenate(deltas).astype(np.float64)
+    parts = [(arr["bank/keys"][gs], arr["bank/deltas"][gs])
+             for _, gs, arr in live_batch_arrays(store, live_groups(store.records), ["bank/keys", "bank/deltas"])]
+    return tuple(np.concatenate(x).astype(np.float64) for x in zip(*parts))
 
 
 def geometry(keys: np.ndarray, deltas: np.ndarray, fisher: np.ndarray | None) -> dict:
     """The table's columns for one bank (see the module docstring)."""
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)   # noqa: E731
+    norms = np.linalg.norm(deltas, axis=1)
+    ku, du = keys / np.linalg.norm(keys, axis=1, keepdims=True), deltas / norms[:, None]
     pairs = np.triu_indices(len(keys), 1)
-    kc, dc = (unit(keys) @ unit(keys).T)[pairs], (unit(deltas) @ unit(deltas).T)[pairs]
+    kc, dc = (ku @ ku.T)[pairs], (du @ du.T)[pairs]
     out = {"groups": len(keys), "key_cos": kc.mean(), "delta_cos": dc.mean(),
-           "corr": np.corrcoef(kc, dc)[0, 1], "norm": np.median(np.linalg.norm(deltas, axis=1))}
+           "corr": np.corrcoef(kc, dc)[0, 1], "norm": np.median(norms)}
     if fisher is not None:
         f = fisher / (np.trace(fisher) / len(fisher))
         out["f_cost"] = np.median(np.einsum("nd,de,ne->n", deltas, f, deltas))

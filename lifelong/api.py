@@ -179,6 +179,17 @@ class _DryRun(Exception):
     """Raised inside the transaction to discard a dry run."""
 
 
+def live_batch_arrays(store: Store, live: list[tuple[int, int]], names: list[str],
+                      optional: tuple[str, ...] = ()):
+    """(batch id, its live group indices, its named arrays) for each batch holding live groups,
+    in id order: one read per batch file."""
+    by_batch: dict[int, list[int]] = {}
+    for b, g in live:
+        by_batch.setdefault(b, []).append(g)
+    for b, gs in sorted(by_batch.items()):
+        yield b, gs, store.batch_arrays(b, names, optional=optional)
+
+
 def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device,
                d_model: int) -> tuple[dict, ResidualBank]:
     """Per layer P, C₀ and K_pK_pᵀ over the live groups, and their residual bank."""
@@ -186,14 +197,10 @@ def protection(store: Store, policy: Policy, live: list[tuple[int, int]], device
     mom2 = not policy.project or policy.preserve_weight > 0
     need = (["P"] if policy.project else []) + (["mom2"] if mom2 else [])
     base = store.base_arrays([layer_key(l, x) for l in policy.layers for x in need])
-    by_batch: dict[int, list[int]] = {}
-    for b, g in live:
-        by_batch.setdefault(b, []).append(g)
     kp: dict[int, list[np.ndarray]] = {l: [] for l in policy.layers}
     bank_k, bank_d, refs = [], [], []
-    for b, gs in sorted(by_batch.items()):
-        names = [layer_key(l, "K") for l in policy.layers] + ["bank/keys", "bank/deltas"]
-        arr = store.batch_arrays(b, names, optional=(UNITS,))
+    names = [layer_key(l, "K") for l in policy.layers] + ["bank/keys", "bank/deltas"]
+    for b, gs, arr in live_batch_arrays(store, live, names, optional=(UNITS,)):
         rows = key_rows(arr, gs)
         for l in policy.layers:
             kp[l].append(arr[layer_key(l, "K")][rows])
