@@ -49,7 +49,7 @@ __all__ = [
 POLICY_SUFFIXES = (".yaml", ".yml", ".toml")
 """File name endings `load_policy` reads and `find_policy` looks up, in lookup order."""
 
-_REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+_SHIPPED_POLICIES = Path(__file__).resolve().parent / "policies"   # package data; the repository's policies/ links here
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -584,10 +584,10 @@ def policy_from_json(text: str) -> Policy:
 
 
 def _search_dirs() -> list[Path]:
-    """$LIFELONG_POLICIES (os.pathsep-separated, in order), then the repository's policies/."""
+    """$LIFELONG_POLICIES (os.pathsep-separated, in order), then the policies shipped in the package."""
     env = os.environ.get("LIFELONG_POLICIES", "")
     dirs = [Path(p).expanduser() for p in env.split(os.pathsep) if p.strip()]
-    return dirs + [_REPO_POLICIES]
+    return dirs + [_SHIPPED_POLICIES]
 
 
 def available_policies() -> dict[str, Path]:
@@ -607,7 +607,7 @@ def find_policy(name_or_path: str | os.PathLike) -> Path:
     """Resolve a policy argument: an existing file as is; else a name like 'smollm2-135m'.
 
     A name is looked up as <dir>/<name>.yaml|.yml|.toml in each directory of
-    $LIFELONG_POLICIES (os.pathsep-separated), then in the repository's `policies/`.
+    $LIFELONG_POLICIES (os.pathsep-separated), then among the shipped policies (`policies/`).
     Raises PolicyError listing the available names when nothing matches.
     """
     given = Path(name_or_path).expanduser()
