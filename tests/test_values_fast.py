@@ -120,7 +120,9 @@ def test_early_stop_and_alignment_match(tiny):
     pol = policy(arch, steps=40, early_stop_loss=0.5, lr=1.0)
     slow, fast = both(tiny, ONE, CONTEXTS, pol, align=term)
     assert fast.steps == slow.steps
-    assert rel(fast.delta, slow.delta) < 1e-4
+    # 40 Adam steps at lr 1 through the alignment's cosines amplify the two paths' different
+    # summation orders: 1.5e-4 with torch 2.13 / transformers 5.25 (a wrong forward is O(1))
+    assert rel(fast.delta, slow.delta) < 3e-4
 
 
 def test_unrecognised_structure_falls_back(tiny, caplog):
