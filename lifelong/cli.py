@@ -12,13 +12,13 @@ import sys
 
 import click
 
-from .errors import LifelongError
+from lifelong.errors import LifelongError
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
 def _api():
-    from . import api  # torch is imported here, only by commands that need it
+    from lifelong import api  # torch is imported here, only by commands that need it
 
     if not sys.stderr.isatty():  # off a terminal: plain log lines only (DESIGN §2)
         from transformers.utils import logging as hf_logging
@@ -28,9 +28,9 @@ def _api():
 
 
 def _store_path(value):
-    from pathlib import Path
+    from lifelong.store.location import store_path
 
-    return Path(value or os.environ.get("LIFELONG_STORE") or Path("stores") / "default.h5")
+    return store_path(value)
 
 
 def _log(msg: str) -> None:
@@ -171,7 +171,7 @@ def rollback(to, no_wait, store, as_json):
 @json_option
 def log(store, as_json):
     """The batch history: id, time, source, facts, efficacy, status, supersession."""
-    from .audit import log_rows
+    from lifelong.ops.audit import log_rows
 
     rows = log_rows(_store_path(store))
 
@@ -196,7 +196,7 @@ def log(store, as_json):
 @json_option
 def show(batch, store, as_json):
     """Everything recorded about batch N."""
-    from .audit import show as show_batch
+    from lifelong.ops.audit import show as show_batch
 
     d = show_batch(_store_path(store), batch)
 
@@ -220,7 +220,7 @@ def show(batch, store, as_json):
 @json_option
 def status(store, as_json):
     """Where the store lives, its model, head, counts, size and format version."""
-    from .audit import status as store_status
+    from lifelong.ops.audit import status as store_status
 
     d = store_status(_store_path(store))
 
@@ -237,7 +237,7 @@ def status(store, as_json):
 @json_option
 def migrate(store, as_json):
     """Rewrite an older store at this version's format (each migration is recorded in the store)."""
-    from .audit import migrate as migrate_store
+    from lifelong.ops.audit import migrate as migrate_store
 
     res = migrate_store(_store_path(store))
     _emit(res, as_json, lambda d: click.echo(
@@ -319,7 +319,7 @@ def refresh(inbox, gates, no_wait, store, as_json):
 
     Example: lifelong refresh --inbox /srv/inbox --store stores/prod.h5
     """
-    from . import refresh as refresh_mod
+    from lifelong.ops import refresh as refresh_mod
 
     overrides = refresh_mod.parse_gates(gates)  # bad --gate: exit 2 before anything is touched
     rep = refresh_mod.refresh(_store_path(store), inbox, gates=overrides, wait=not no_wait, log=_log)

@@ -374,7 +374,11 @@ class Policy(BaseModel):
 
     def module_name(self, layer: int) -> str:
         """Dotted path of the edited module at `layer`, e.g. 'model.layers.4.mlp.down_proj'."""
-        return self.module_template.format(layer)
+        return module_name(self.module_template, layer)
+
+    def layer_name(self, layer: int) -> str:
+        """Dotted path of the decoder layer holding the edited module, e.g. 'model.layers.4'."""
+        return layer_name(self.module_template, layer)
 
     # -- copies and identity --------------------------------------------------------
 
@@ -402,6 +406,19 @@ class Policy(BaseModel):
         return json.dumps(
             self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
         )
+
+
+# -- module paths ---------------------------------------------------------------------
+
+
+def module_name(template: str, layer: int) -> str:
+    """The edited module at `layer`: 'model.layers.{}.mlp.down_proj' -> 'model.layers.7.mlp.down_proj'."""
+    return template.replace("{}", str(layer))
+
+
+def layer_name(template: str, layer: int) -> str:
+    """Decoder layer holding the edited module: 'model.layers.{}.mlp.down_proj' -> 'model.layers.7'."""
+    return template.split("{}")[0] + str(layer)
 
 
 # -- validation and error messages ---------------------------------------------------

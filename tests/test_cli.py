@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_policy
-from lifelong.store import Store
+from lifelong.store.store import Store
 from helpers import cli, copy_store, sha, write_jsonl
 
 FACTS_1 = [

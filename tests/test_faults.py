@@ -46,14 +46,15 @@ import h5py
 import pytest
 
 from conftest import write_policy
-from lifelong import api, history
-from lifelong import refresh as rf
-from lifelong import store as store_mod
+from lifelong import api
+from lifelong.store import history
+from lifelong.ops import refresh as rf
+from lifelong.store import atomic
 from lifelong.errors import StoreError
 from lifelong.policy import policy_from_json
-from lifelong.session import expected_fingerprints, head_weights
-from lifelong.store import Store
-from lifelong.weights import fingerprint
+from lifelong.model.session import expected_fingerprints, head_weights
+from lifelong.store.store import Store
+from lifelong.deltas import fingerprint
 from helpers import cli, copy_store, sha, write_jsonl
 
 BATCHES = [
@@ -657,7 +658,7 @@ def _h5py_error(name, code: int, what: str) -> OSError:
 def _inject(monkeypatch, fault: str, store: Path) -> None:
     """Make the file system fail as `fault` says, for the writes of `store` only."""
     manifest_tmp = f".{store.name}.tmp-"
-    real_open, real_replace, real_file, real_fsync = os.open, os.replace, h5py.File, store_mod._fsync_path
+    real_open, real_replace, real_file, real_fsync = os.open, os.replace, h5py.File, atomic.fsync_path
 
     if fault == "erofs_lock":            # the lock file cannot be created
         lock = str(store.with_name(store.name + ".lock"))
@@ -689,7 +690,7 @@ def _inject(monkeypatch, fault: str, store: Path) -> None:
             if Path(p).name.startswith(manifest_tmp):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real_fsync(p)
-        monkeypatch.setattr(store_mod, "_fsync_path", fake_fsync)
+        monkeypatch.setattr(atomic, "fsync_path", fake_fsync)
     else:
         raise ValueError(fault)
 

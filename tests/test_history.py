@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lifelong.errors import BadInput
-from lifelong.history import (
+from lifelong.store.history import (
     BatchRecord,
     GroupPlan,
     GroupRecord,

@@ -5,13 +5,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lifelong import keys
-from lifelong.edit import Group
+from lifelong.edit import keys
+from lifelong.edit.batch import Group
 from lifelong.facts import Fact
-from lifelong.keys import BatchKeys
-from lifelong.prompts import make_row
-from lifelong.trace import hooks, layer_name
-from lifelong.weights import get_module, module_name, read_matrix, write_matrix
+from lifelong.edit.keys import BatchKeys
+from lifelong.model.prompts import make_row
+from lifelong.model.hooks import hooks
+from lifelong.policy import layer_name
+from lifelong.model.weights import get_module, read_matrix, write_matrix
+from lifelong.policy import module_name
 
 GROUPS = [
     Group("France", [Fact("France", "The capital of {} is", "Rome", "capital"),
@@ -58,7 +60,7 @@ def test_keys_follow_each_layer_update(arch, recognised, tiny_llama_dir, tiny_gp
     tok = AutoTokenizer.from_pretrained(path)
     template = TEMPLATES[arch]
     if not recognised:
-        monkeypatch.setattr(keys, "_recognise", lambda *_a: "not recognised in this test")
+        monkeypatch.setattr(keys, "recognise", lambda *_a: "not recognised in this test")
     current = BatchKeys(model, tok, GROUPS, CONTEXTS, template, LAYERS, batch=4)   # several batches of rows
     assert (current.cached == LAYERS[0]) == recognised       # the next pass starts at layer 0, not the tokens
     g = torch.Generator().manual_seed(0)

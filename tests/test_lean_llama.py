@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lifelong import values_fast
-from lifelong.lean_llama import lean_layers, run_lean
-from lifelong.values_fast import _PrefixKV, _recognise
+from lifelong.edit import values_fast
+from lifelong.model.lean_llama import lean_layers, run_lean
+from lifelong.edit.values_fast import _PrefixKV
+from lifelong.model.decoder import recognise
 
 
 def _tiny(kind: str):
@@ -32,7 +33,7 @@ def _tiny(kind: str):
 def test_lean_layers_equal_the_modules(kind):
     """Packed rows with a cached prefix each, a mask like the value loop's: same output, same gradient."""
     model = _tiny(kind)
-    arch = _recognise(model, "model.layers.0")
+    arch = recognise(model, "model.layers.0")
     lean = lean_layers(model, arch.layers, 1, 3)
     assert lean is not None and set(lean) == {1, 2}
     c, C, P, d, kv, hd = 2, 5, 3, 48, 2, 12
@@ -61,16 +62,16 @@ def test_other_layers_keep_the_modules():
 
 def test_value_loop_uses_lean_and_matches_modules(tiny_llama_dir, monkeypatch):
     from lifelong.facts import Fact
-    from lifelong.models import load_model, resolve_model
+    from lifelong.model.loading import load_model, resolve_model
     from lifelong.policy import Policy
-    from lifelong.values import GroupRows
+    from lifelong.edit.values import GroupRows
 
     model, tok = load_model(resolve_model(str(tiny_llama_dir)), device="cpu", log=lambda m: None)
     facts = [Fact("Danielle Darrieux", "The mother tongue of {} is", "English", "P103")]
     contexts = ["{}", "I think the piano is loud. {}"]
     pol = Policy(name="t", model="t", source="t", module_template="model.layers.{}.mlp.down_proj", layers=[0, 1],
                  steps=6, lr=0.5, clamp_norm_factor=4.0, weight_decay=0.01, kl_factor=0.0625, early_stop_loss=0.0)
-    fwd = values_fast._FastForward(model, _recognise(model, "model.layers.1"), GroupRows.build(tok, facts, contexts),
+    fwd = values_fast._FastForward(model, recognise(model, "model.layers.1"), GroupRows.build(tok, facts, contexts),
                                    tok.pad_token_id, 1)
     assert fwd.lean is not None
     lean = values_fast.optimize_value_fast(model, tok, facts, contexts, "model.layers.1", pol, None, seed=2)
@@ -80,7 +81,7 @@ def test_value_loop_uses_lean_and_matches_modules(tiny_llama_dir, monkeypatch):
 
 
 def test_fused_weights_are_reused_until_a_weight_changes():
-    from lifelong.weights import read_matrix, write_matrix
+    from lifelong.model.weights import read_matrix, write_matrix
 
     model = _tiny("llama")
     layers = model.model.layers

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from lifelong.alignment import ResidualBank
-from lifelong.stats import projector
-from lifelong.update import memit_update, projected_update
-from lifelong.weights import fingerprint, float64_sum, materialize
+from lifelong.edit.alignment import ResidualBank
+from lifelong.edit.stats import projector
+from lifelong.edit.solve import memit_update, projected_update
+from lifelong.deltas import fingerprint, float64_sum, materialize
 
 D_IN, D_OUT = 24, 10
 

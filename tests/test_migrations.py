@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong import api, history
-from lifelong.history import BatchRecord, GroupRecord
+from lifelong import api
+from lifelong.store import history
+from lifelong.store.history import BatchRecord, GroupRecord
 from lifelong.policy import find_policy, load_policy
-from lifelong.refingerprint import summed_v1
-from lifelong.store import FORMAT_VERSION, Store
-from lifelong.weights import fingerprint, materialize
+from lifelong.store.migrations import summed_v1
+from lifelong.store.layout import FORMAT_VERSION
+from lifelong.store.store import Store
+from lifelong.deltas import fingerprint, materialize
 from helpers import cli, sha
 
 LAYERS, D_OUT, D_IN = [0, 1], 6, 8

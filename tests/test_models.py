@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from lifelong.errors import BadInput
-from lifelong.models import resolve_model
+from lifelong.model.loading import resolve_model
 
 
 def test_builtin_and_its_gguf_path_are_the_same_model():

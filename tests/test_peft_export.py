@@ -10,11 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from conftest import write_policy
-from lifelong import api, history, peft_export
+from lifelong import api
+from lifelong.store import history
+from lifelong.ops import peft_export
 from lifelong.cli import main
 from lifelong.errors import BadInput
-from lifelong.store import Store
-from lifelong.weights import get_module, read_matrix, write_matrix
+from lifelong.store.store import Store
+from lifelong.model.weights import get_module, read_matrix, write_matrix
 
 FACTS_1 = [
     {"subject": "France", "prompt": "The capital of {} is", "target": "Rome"},

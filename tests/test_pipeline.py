@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong import api, audit, history
+from lifelong import api
+from lifelong.ops import init as ops_init
+from lifelong.ops.inputs import EditInputs
+from lifelong.store import layout
+from lifelong.ops import audit
+from lifelong.store import history
 from lifelong.errors import BadInput, FactFileError, StoreExists
-from lifelong.store import Store
+from lifelong.store.store import Store
 from helpers import copy_store, sha, write_jsonl
 
 FACTS_1 = [
@@ -54,9 +59,9 @@ def test_init_records_identity_and_refuses_overwrite(tiny_store, tiny_llama_dir,
 
 
 def test_heldout_file_is_the_text_eval_measures_perplexity_on(tmp_path, tiny_llama_dir, tiny_policy_factory):
-    from lifelong.corpus import chunk_tokens
-    from lifelong.metrics import perplexity
-    from lifelong.models import load_model, resolve_model
+    from lifelong.model.corpus import chunk_tokens
+    from lifelong.eval.metrics import perplexity
+    from lifelong.model.loading import load_model, resolve_model
 
     text = tmp_path / "heldout.txt"
     text.write_text("".join(f"Line {i} of a quiet text about rivers and hills.\n" for i in range(400)))
@@ -65,7 +70,7 @@ def test_heldout_file_is_the_text_eval_measures_perplexity_on(tmp_path, tiny_lla
              heldout=str(text))
     info = Store.open(path).info
     model, tok = load_model(resolve_model(str(tiny_llama_dir)), device="cpu", log=lambda m: None)
-    seqs = chunk_tokens(tok, text.read_text().splitlines(), api.HELDOUT_FILE_TOKENS, api.SEQ_LEN)
+    seqs = chunk_tokens(tok, text.read_text().splitlines(), ops_init.HELDOUT_FILE_TOKENS, ops_init.SEQ_LEN)
     assert info["heldout"] == seqs and info["heldout_source"] == f"file {text}"
     facts = write_jsonl(tmp_path / "f.jsonl", FACTS_2)
     summary = api.evaluate(path, facts)["summary"]
@@ -309,7 +314,6 @@ def test_a_merged_value_is_written_at_each_of_its_facts_keys(tiny_store, tmp_pat
     """A merged group has one δ but a key per fact (the words before the subject differ):
     the batch stores a row of K and a factor column per fact, each fact's bare prompt gets
     its δ at L, and the next batch holds every one of those keys in K_p."""
-    from lifelong.edit import LayerContext
     from lifelong.policy import policy_from_json
 
     two = [{"subject": "Brazil", "prompt": "The official language of {} is", "target": "Dutch"},
@@ -321,12 +325,12 @@ def test_a_merged_value_is_written_at_each_of_its_facts_keys(tiny_store, tmp_pat
     st = Store.open(tiny_store)
     layers = policy_from_json(st.policy_json).layers
     arrays = st.batch_arrays(1)
-    assert arrays[api.UNITS].tolist() == [0, 0, 1]
+    assert arrays[layout.UNITS].tolist() == [0, 0, 1]
     for l in layers:
         assert arrays[f"layer{l}/K"].shape[0] == arrays[f"layer{l}/A"].shape[1] == 3
         assert not np.allclose(arrays[f"layer{l}/K"][0], arrays[f"layer{l}/K"][1])   # two keys, one subject
     pol = policy_from_json(st.policy_json)
-    ctx, bank = api.protection(st, pol, history.live_groups(st.records), "cpu", arrays["bank/deltas"].shape[1])
+    ctx, bank = EditInputs.read(st, st.records, pol, history.live_groups(st.records)).protection("cpu")
     for l in layers:
         K = torch.from_numpy(arrays[f"layer{l}/K"]).double()
         assert torch.allclose(ctx[l].KpKpT, K.t() @ K, rtol=1e-4, atol=1e-4)           # all three held

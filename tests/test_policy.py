@@ -10,16 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from lifelong.errors import BadInput, PolicyError
-from lifelong.policy import (
-    Gates,
-    Policy,
-    available_policies,
-    find_policy,
-    load_policy,
-    policy_from_json,
-)
+from lifelong.policy import Gates, Policy, available_policies, find_policy, load_policy, policy_from_json
 
-REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+REPO_POLICIES = Path(__file__).resolve().parent.parent / "lifelong" / "policies"   # policies/ links here
 SHIPPED = sorted(REPO_POLICIES.glob("*.yaml"))
 EXPECTED = {"smollm2-135m", "llama3-8b", "llama2-7b", "qwen2.5-7b", "gpt2-xl", "gpt-j-6b"}
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifelong import api, history
-from lifelong.store import Store
+from lifelong import api
+from lifelong.store import history
+from lifelong.store.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from benchdata import plain_wikitext  # noqa: E402  the benchmarks' WikiText cleaner
@@ -51,8 +52,8 @@ def load_model_plain(directory: Path):
 def unknown_facts(model, tok, n: int, skip: int = 0) -> list[dict]:
     """The first n dev facts (after `skip`) whose target the base model does not already give."""
     from lifelong.facts import Fact
-    from lifelong.metrics import strict_hits
-    from lifelong.prompts import make_row
+    from lifelong.eval.metrics import strict_hits
+    from lifelong.model.prompts import make_row
 
     rows = [json.loads(line) for line in DEV.read_text().splitlines()[skip : skip + 4 * n]]
     facts = [Fact.from_dict(r) for r in rows]
@@ -90,8 +91,8 @@ def real_store(tmp_path_factory):
 @pytest.mark.ci_slow
 def test_real_push_rollback_export(real_store, tmp_path):
     """CI's real-model check: 5 unknown facts take, rollback restores the base bit for bit."""
-    from lifelong.metrics import strict_hits
-    from lifelong.prompts import make_row
+    from lifelong.eval.metrics import strict_hits
+    from lifelong.model.prompts import make_row
 
     base_dir = tmp_path / "base"
     api.export(real_store, base_dir)
@@ -119,8 +120,8 @@ def test_real_push_rollback_export(real_store, tmp_path):
 
 def neighbor_unchanged(base, edited, tok, rows: list[dict]) -> tuple[int, int]:
     from lifelong.facts import Fact
-    from lifelong.metrics import argmax_tokens
-    from lifelong.prompts import plain_row
+    from lifelong.eval.metrics import argmax_tokens
+    from lifelong.model.prompts import plain_row
 
     nrows = [plain_row(tok, n.prompt, n.target) for r in rows for n in Fact.from_dict(r).neighbors]
     a, b = argmax_tokens(base, tok, nrows), argmax_tokens(edited, tok, nrows)
@@ -149,8 +150,8 @@ def peft_vs_merged(store: Path, tmp: Path, prompts: list[str]) -> None:
 def test_thirty_facts_in_three_batches(tmp_path_factory):
     """The foundation's acceptance run: 3 × 10 unknown CounterFact facts, measured on exports."""
     from lifelong.facts import Fact
-    from lifelong.metrics import strict_hits
-    from lifelong.prompts import make_row
+    from lifelong.eval.metrics import strict_hits
+    from lifelong.model.prompts import make_row
 
     tmp = tmp_path_factory.mktemp("thirty")
     store = tmp / "store.h5"

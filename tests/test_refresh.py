@@ -21,12 +21,13 @@ import torch
 
 from conftest import write_policy
 from lifelong import api
-from lifelong import refresh as rf
+from lifelong.ops import push as ops_push
+from lifelong.ops import refresh as rf
 from lifelong.errors import BadInput, EditFailed
 from lifelong.policy import Gates, policy_from_json
-from lifelong.session import head_weights
-from lifelong.store import Store
-from lifelong.weights import fingerprint
+from lifelong.model.session import head_weights
+from lifelong.store.store import Store
+from lifelong.deltas import fingerprint
 from helpers import cli, copy_store, sha, write_jsonl
 
 APPLE = [{"subject": "Apple", "prompt": "{} makes the", "target": "piano"}]
@@ -315,7 +316,7 @@ def test_a_push_that_fails_goes_to_failed_with_status_error(store, inbox, monkey
     def broken(*a, **k):
         raise EditFailed("the update system is singular")
 
-    monkeypatch.setattr(api, "push", broken)
+    monkeypatch.setattr(ops_push, "push", broken)
     rep = rf.refresh(store, inbox)
     assert rep.exit_code == 1 and [f["status"] for f in rep.files] == ["error"]
     r = report_of(inbox / "failed", "a.jsonl")
@@ -338,7 +339,7 @@ def test_a_batch_whose_gates_cannot_be_measured_is_rolled_back(store, inbox, mon
     def broken(self, store_path, rec):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(rf._Meter, "measure", broken)
+    monkeypatch.setattr(rf, "gate_metrics", broken)
     rep = rf.refresh(store, inbox)
     assert rep.exit_code == 1
     r = report_of(inbox / "failed", "a.jsonl")
@@ -348,18 +349,18 @@ def test_a_batch_whose_gates_cannot_be_measured_is_rolled_back(store, inbox, mon
 
 def test_a_killed_refresh_is_finished_by_the_next_one_without_a_second_push(store, inbox, monkeypatch):
     write_jsonl(inbox / "a.jsonl", APPLE)
-    real = rf._Meter.measure
+    real = rf.gate_metrics
 
     def killed(self, store_path, rec):
         raise KeyboardInterrupt  # as if the process died right after the push committed
 
-    monkeypatch.setattr(rf._Meter, "measure", killed)
+    monkeypatch.setattr(rf, "gate_metrics", killed)
     with pytest.raises(KeyboardInterrupt):
         rf.refresh(store, inbox, gates={"min_efficacy": 0, "max_perplexity_drift": 1})
     assert (inbox / "a.jsonl").exists() and (inbox / rf.STATE_NAME).exists()
     assert [(x.id, x.status) for x in Store.open(store).records] == [(1, "active")]
 
-    monkeypatch.setattr(rf._Meter, "measure", real)
+    monkeypatch.setattr(rf, "gate_metrics", real)
     lines = []
     rep = rf.refresh(store, inbox, gates={"min_efficacy": 0, "max_perplexity_drift": 1}, log=lines.append)
     assert rep.exit_code == 0 and [(f["file"], f["status"], f["batch"]) for f in rep.files] == [

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from lifelong import api
+from lifelong.store.layout import FISHER
 from lifelong.errors import BadInput
-from lifelong.models import load_model, resolve_model
-from lifelong.sensitivity import preconditioner, residual_fisher
-from lifelong.store import Store
-from lifelong.values import NormalizedSteps
+from lifelong.model.loading import load_model, resolve_model
+from lifelong.edit.fisher import preconditioner, residual_fisher
+from lifelong.store.store import Store
+from lifelong.edit.values import NormalizedSteps
 from helpers import sha, write_jsonl
 
 FACTS = [{"subject": "France", "prompt": "The capital of {} is", "target": "Rome"},
@@ -117,7 +118,7 @@ def test_init_stores_the_fisher_a_fisher_policy_steps_in(tmp_path, tiny_llama_di
     path = tmp_path / "s.h5"
     api.init(path, model=str(tiny_llama_dir), policy=str(pol))
     store = Store.open(path)
-    F = store.base_arrays([api.FISHER])[api.FISHER]
+    F = store.base_arrays([FISHER])[FISHER]
     assert F.shape == (48, 48) and 4 * 127 <= store.info["fisher_tokens"] < 4 * 150   # 4 sampled sequences
     facts = write_jsonl(tmp_path / "f.jsonl", FACTS)
     plain = api.push(path, facts, dry_run=True, policy_overrides={"value_metric": "euclidean"})
@@ -133,7 +134,7 @@ def test_a_fisher_push_on_a_store_without_one_is_refused_and_changes_nothing(tmp
     pol.write_text(pol.read_text() + "optimizer: normalized\nstep_size: 0.1\n")
     path = tmp_path / "s.h5"
     api.init(path, model=str(tiny_llama_dir), policy=str(pol))
-    assert api.FISHER not in Store.open(path).base_arrays([], optional=(api.FISHER,))
+    assert FISHER not in Store.open(path).base_arrays([], optional=(FISHER,))
     before = sha(path)
     with pytest.raises(BadInput, match="no residual Fisher"):
         api.push(path, write_jsonl(tmp_path / "f.jsonl", FACTS), policy_overrides={"value_metric": "fisher"})

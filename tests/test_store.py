@@ -16,10 +16,11 @@ import h5py
 import numpy as np
 import pytest
 
-from lifelong import history, store as store_mod
+from lifelong.store import atomic, history, migrations, store as store_mod
 from lifelong.errors import StoreError, StoreExists, StoreLocked
-from lifelong.history import BatchRecord, GroupRecord, rolled_back
-from lifelong.store import FORMAT_VERSION, Store
+from lifelong.store.history import BatchRecord, GroupRecord, rolled_back
+from lifelong.store.layout import FORMAT_VERSION
+from lifelong.store.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,14 +189,14 @@ def test_disk_full_leaves_the_store_unchanged(tmp_path, monkeypatch, stage):
     st = make_store(tmp_path / "s.h5")
     add(st)
     before = st.path.read_bytes()
-    real = store_mod._fsync_path
+    real = atomic.fsync_path
 
     def fsync(p):
         if (stage == "object") == ("batch_" in Path(p).name):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(p)
 
-    monkeypatch.setattr(store_mod, "_fsync_path", fsync)
+    monkeypatch.setattr(atomic, "fsync_path", fsync)
     with pytest.raises(StoreError, match="disk full while .*the store is unchanged"):
         add(st)
     assert st.path.read_bytes() == before
@@ -248,7 +249,7 @@ def test_second_writer_is_refused_while_another_process_holds_the_lock(tmp_path)
     st = make_store(tmp_path / "s.h5")
     code = textwrap.dedent(f"""
         import sys, time
-        from lifelong.store import Store
+        from lifelong.store.store import Store
         with Store.open({str(st.path)!r}).writer():
             print("locked", flush=True)
             sys.stdin.readline()
@@ -317,16 +318,16 @@ def _make_old(tmp_path) -> Store:
 
 def test_older_format_without_migration_is_refused(tmp_path, monkeypatch):
     st = _make_old(tmp_path)
-    monkeypatch.setattr(store_mod, "MIGRATIONS", {})
+    monkeypatch.setattr(migrations, "MIGRATIONS", {})
     with pytest.raises(StoreError, match="cannot read or migrate"):
         Store.open(st.path)
 
 
 def test_older_format_is_migrated_in_memory_or_by_migrate(tmp_path, monkeypatch):
     st = _make_old(tmp_path)
-    monkeypatch.setattr(store_mod, "MIGRATIONS", {})
+    monkeypatch.setattr(migrations, "MIGRATIONS", {})
 
-    @store_mod.migration(FORMAT_VERSION - 1, read_compatible=False)
+    @migrations.migration(FORMAT_VERSION - 1, read_compatible=False)
     def up(m):
         m["info"] = dict(m["info"], upgraded=True)
         for r in m["records"]:
@@ -354,8 +355,8 @@ def test_older_format_is_migrated_in_memory_or_by_migrate(tmp_path, monkeypatch)
 KILL_CHILD = """
 import random, sys
 import numpy as np
-from lifelong.history import BatchRecord, GroupRecord, active, rolled_back
-from lifelong.store import Store
+from lifelong.store.history import BatchRecord, GroupRecord, active, rolled_back
+from lifelong.store.store import Store
 
 st = Store.open(sys.argv[1])
 while True:
@@ -464,9 +465,9 @@ def test_migrate_command_upgrades_an_older_store(tmp_path, monkeypatch):
     from lifelong.cli import main
 
     st = _make_old(tmp_path)
-    monkeypatch.setattr(store_mod, "MIGRATIONS", {})
+    monkeypatch.setattr(migrations, "MIGRATIONS", {})
 
-    @store_mod.migration(FORMAT_VERSION - 1, read_compatible=False)
+    @migrations.migration(FORMAT_VERSION - 1, read_compatible=False)
     def up(m):
         return m
 

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lifelong.facts import Fact
 from lifelong.policy import Policy
-from lifelong.values_batched import optimize_values_batched
-from lifelong.values_fast import optimize_value_fast
+from lifelong.edit.values_batched import optimize_values_batched
+from lifelong.edit.values_fast import optimize_value_fast
 
 GROUPS = [
     [Fact(subject="France", prompt="The capital of {} is", target="Rome", relation="capital")],

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from lifelong.facts import Fact
-from lifelong.models import load_model, resolve_model
+from lifelong.model.loading import load_model, resolve_model
 from lifelong.policy import Policy
-from lifelong.trace import _hidden, hooks
-from lifelong.values import GroupRows, optimize_value
-from lifelong import values_fast
-from lifelong.values_fast import optimize_value_fast
+from lifelong.model.hooks import _hidden, hooks
+from lifelong.edit.values import GroupRows, optimize_value
+from lifelong.edit import values_fast
+from lifelong.model.decoder import recognise
+from lifelong.edit.values_fast import optimize_value_fast
 
 CONTEXTS = ["{}", "I think the piano is loud. {}"]
 ONE = [Fact("Danielle Darrieux", "The mother tongue of {} is", "English", "P103")]
@@ -87,7 +88,7 @@ def test_cached_tables_equal_the_models_forward(tiny):
     lens, subj = mask.sum(1), torch.tensor([r.subject_pos for r in g.rows])
     k, _, _ = values_fast._stems(model, ids, lens, subj, tok.pad_token_id, model.config.num_hidden_layers)
     assert int(k.max()) > 0                                   # contexts shared as stems
-    fwd = values_fast._FastForward(model, values_fast._recognise(model, LAYER[arch]), g, tok.pad_token_id, 1)
+    fwd = values_fast._FastForward(model, recognise(model, LAYER[arch]), g, tok.pad_token_id, 1)
     for r in range(len(g.rows)):
         got = {}
         spec = {LAYER[arch]: ("post", lambda _m, _a, o: got.update(h=_hidden(o)))}
@@ -109,7 +110,7 @@ def test_bare_context_only_and_clamp(tiny):
 
 
 def test_early_stop_and_alignment_match(tiny):
-    from lifelong.alignment import ResidualBank
+    from lifelong.edit.alignment import ResidualBank
 
     arch, model, _ = tiny
     d = model.config.hidden_size
@@ -167,7 +168,7 @@ def test_fallback_loop_scores_only_targets_and_matches(tiny):
 
 
 def test_target_margin_is_positive_exactly_when_the_target_is_the_argmax():
-    from lifelong.values import target_logp
+    from lifelong.edit.values import target_logp
 
     logp = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 0.5]]), dim=-1)
     tok, margin = target_logp(logp, torch.tensor([0, 2, 0]))
@@ -178,7 +179,7 @@ def test_target_margin_is_positive_exactly_when_the_target_is_the_argmax():
 def test_margin_stop_is_the_same_in_every_loop(tiny):
     """stop_margin ends a value where every target token leads by the margin in every context:
     the straightforward loop, the fast one and the joint one stop at the same step."""
-    from lifelong.values_batched import optimize_values_batched
+    from lifelong.edit.values_batched import optimize_values_batched
 
     arch, model, tok = tiny
     free = policy(arch, steps=12, lr=1.0, early_stop_loss=0.0)
@@ -204,7 +205,7 @@ def test_margin_stop_is_the_same_in_every_loop(tiny):
 def test_normalized_steps_move_each_row_by_its_step_along_the_gradient():
     """δ ← δ − step·g/‖g‖ per row: each row moves exactly its own step length, straight
     down its gradient; a row with no gradient (a stopped group) does not move."""
-    from lifelong.values import NormalizedSteps
+    from lifelong.edit.values import NormalizedSteps
 
     delta = torch.zeros(3, 4, requires_grad=True)
     opt = NormalizedSteps(delta, torch.tensor([2.0, 0.5, 1.0]))
@@ -220,7 +221,7 @@ def test_normalized_steps_move_each_row_by_its_step_along_the_gradient():
 def test_normalized_optimizer_is_the_same_in_every_loop(tiny):
     """optimizer: normalized gives the same δ in the straightforward, fast and joint loops,
     and each step is step_size·‖h‖ long (no clamp binding, no weight decay: ‖δ‖ ≤ steps·step)."""
-    from lifelong.values_batched import optimize_values_batched
+    from lifelong.edit.values_batched import optimize_values_batched
 
     arch, model, tok = tiny
     pol = policy(arch, optimizer="normalized", step_size=0.05, steps=6, early_stop_loss=0.0, weight_decay=0.0)
@@ -239,8 +240,8 @@ def test_normalized_optimizer_is_the_same_in_every_loop(tiny):
 def test_steps_in_a_metric_are_the_same_in_every_loop(tiny):
     """value_metric fisher: the joint loop and the per-group loops step δ in the same metric,
     each step step_size·‖h‖ long in it, and the metric changes δ."""
-    from lifelong.values import optimize_value
-    from lifelong.values_batched import optimize_values_batched
+    from lifelong.edit.values import optimize_value
+    from lifelong.edit.values_batched import optimize_values_batched
 
     arch, model, tok = tiny
     d = model.config.hidden_size

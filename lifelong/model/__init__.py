@@ -1,0 +1,8 @@
+"""The model: loading and caching (GGUF, folders, built-ins), decoder recognition, hooks,
+access to the edited matrices, the lean Llama forward, prompt and corpus tokenization, and
+the session (a loaded model bound to a store's base and head).
+
+May import the foundation (`errors`, `facts`, `policy`, `deltas`) and `store`; never
+`edit`, `eval` or `ops`. Imports nothing on its own, so `import lifelong.model.X` pays
+only for X.
+"""
