@@ -31,10 +31,13 @@ import torch
 from lifelong import api
 from lifelong.facts import load_facts
 from lifelong.policy import policy_from_json
-from lifelong.refingerprint import summed_v1
-from lifelong.session import active_factors, layer_key
-from lifelong.store import Store
-from lifelong.weights import get_module, materialize, module_name
+from lifelong.store.migrations import summed_v1
+from lifelong.model.session import active_factors
+from lifelong.store.layout import layer_key
+from lifelong.store.store import Store
+from lifelong.model.weights import get_module
+from lifelong.deltas import materialize
+from lifelong.policy import module_name
 
 from benchdata import SHARED, plain_wikitext
 
@@ -197,7 +200,7 @@ def write_report(out: Path, res: dict, argv) -> None:
         f"({'within' if pm['max'] <= TOL else 'over'} the {TOL:g} target); median over prompts "
         f"{pm['median']:.2e}; {pm['over_tol']} of {res['prompts']} prompts over {TOL:g}, the largest on "
         f"{pm['worst']!r}. Logits reach |{res['max_logit']:.1f}|. The merged checkpoint's edited matrices are "
-        f"bit-identical to `weights.materialize` at head: {res['merged_weights_bits_equal_head']}.",
+        f"bit-identical to `deltas.materialize` at head: {res['merged_weights_bits_equal_head']}.",
         "",
         "Where the difference comes from (max over all prompts and positions):",
         "",

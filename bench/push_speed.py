@@ -22,13 +22,15 @@ from pathlib import Path
 
 import torch
 
-from lifelong import api, history
-from lifelong.edit import Group, compute_edit
-from lifelong.evaluation import score_facts
+from lifelong import api
+from lifelong.store import history
+from lifelong.edit.batch import Group, compute_edit
+from lifelong.eval.scoring import score_facts
 from lifelong.facts import load_facts
-from lifelong.session import Session
-from lifelong.store import Store
-from lifelong.values import optimize_value
+from lifelong.model.session import Session
+from lifelong.ops.inputs import EditInputs
+from lifelong.store.store import Store
+from lifelong.edit.values import optimize_value
 
 from benchdata import SHARED, plain_wikitext
 
@@ -37,10 +39,11 @@ def run_edit(session: Session, facts, optimizer, policy, store) -> tuple[float, 
     saved = session.current()
     groups = [Group(f.subject, [f]) for f in facts]
     live = history.live_groups(store.records)
-    layer_ctx, bank = api.protection(store, policy, live, "cpu", session.model.config.hidden_size)
+    inputs = EditInputs.read(store, store.records, policy, live)
+    layer_ctx, bank = inputs.protection("cpu")
     t = time.perf_counter()
     edit = compute_edit(session.model, session.tok, groups, session.contexts, policy, layer_ctx, bank,
-                        optimize=optimizer, metric=api.value_metric(store, policy, "cpu"))
+                        optimize=optimizer, metric=inputs.metric("cpu"))
     seconds = time.perf_counter() - t
     scores = score_facts(session.model, session.tok, facts)
     session.apply(saved)

@@ -1,6 +1,8 @@
 """Edit quality at lifelong scale: sequential pushes, evaluation after each, ablations side by side.
 
-    python bench/quality.py                       # the committed report (GPU: minutes; this CPU: hours)
+    python bench/quality.py                       # bench/reports/quality.md (GPU: minutes; a 2-core CPU: hours)
+    python bench/quality.py --work bench/work/quality_cpu10 --out bench/reports/quality_cpu10.md --jobs 2
+                                                  # the committed report (2-core CPU, 2026-12-05: 4.5 hours)
     python bench/quality.py --n 40 --batch 10 --variants full,no_align --scenarios counterfact
 
 Scenarios (data from ../shared/data, or $LIFELONG_BENCH_DATA; never needed by the product itself):
@@ -166,8 +168,9 @@ def scenario_batches(scenario: str, args) -> tuple[list[list[dict]], dict]:
 
 def run_one(scenario: str, variant: str, work: Path, args) -> dict:
     """Push the scenario's batches one by one into a copy of the init store, evaluating after each."""
-    from lifelong import api, history
-    from lifelong.store import Store
+    from lifelong import api
+    from lifelong.store import history
+    from lifelong.store.store import Store
 
     out = work / f"{scenario}-{variant}.json"
     store = work / f"{scenario}-{variant}.h5"

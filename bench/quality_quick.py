@@ -68,10 +68,10 @@ def fresh_store(work: Path, name: str, init_over: dict) -> Path:
 def measure(store: Path, wiki: list[list[int]] | None, base_ppl: dict) -> tuple[dict, list[list[int]]]:
     """Bare strict metrics of every live fact and both perplexity drifts, at head."""
     from lifelong.api import live_facts
-    from lifelong.evaluation import neighbor_rows, score_facts, summarize
-    from lifelong.metrics import argmax_tokens, perplexity
-    from lifelong.session import Session
-    from lifelong.store import Store
+    from lifelong.eval.scoring import neighbor_rows, score_facts, summarize
+    from lifelong.eval.metrics import argmax_tokens, perplexity
+    from lifelong.model.session import Session
+    from lifelong.store.store import Store
 
     st = Store.open(store)
     s = Session.open(st, log=lambda *a, **k: None)

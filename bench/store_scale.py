@@ -2,10 +2,10 @@
 
 Builds a store whose batches hold random keys, residuals and Δ factors of the real
 shapes (5 edited layers, d_in 1536, d_out 576), with fingerprints computed exactly as
-pushes record them (`weights.materialize`'s float64 sum, extended batch by batch and
+pushes record them (`deltas.materialize`'s float64 sum, extended batch by batch and
 rounded once per batch; the rollbacks timed here verify them), then times what
 an operator runs: opening the store, `log`, `rollback --to N`, and the store-side
-bookkeeping of a push (planning groups, loading the protection set and residual bank,
+bookkeeping of a push (planning groups, reading its inputs once: head weights, protection set, residual bank,
 committing a batch). Writes a markdown report.
 
     python bench/store_scale.py --edits 10000 --batch 50 --out bench/reports/store_scale.md
@@ -23,11 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lifelong import api, audit, history
+from lifelong import api
+from lifelong.ops import audit
+from lifelong.ops.inputs import EditInputs
+from lifelong.store import history
 from lifelong.policy import find_policy, load_policy
-from lifelong.session import layer_key
-from lifelong.store import Store
-from lifelong.weights import fingerprint, float64_sum
+from lifelong.store.layout import layer_key
+from lifelong.store.store import Store
+from lifelong.deltas import fingerprint, float64_sum
 
 D_IN, D_OUT = 1536, 576
 
@@ -84,7 +87,7 @@ def _align_cost(store, policy, live, steps: int = 20) -> float:
     """EAMET alignment's own cost per group against the whole bank: the top-M selection by
     key cosine, then `steps` evaluations of the term with its gradient (a value
     optimization takes 8-24 steps on SmolLM2)."""
-    _, bank = api.protection(store, policy, live, "cpu", D_OUT)
+    _, bank = EditInputs.read(store, store.records, policy, live).protection("cpu")
     g = torch.Generator().manual_seed(0)
     key = torch.randn(bank.keys.shape[1], generator=g)
 
@@ -125,7 +128,7 @@ def main(argv=None) -> dict:
                for i in range(args.batch)]
         res["plan_groups_s"] = _timed(lambda: history.plan_groups(new, recs, merge=True))
         live = history.live_groups(recs)
-        res["protection_s"] = _timed(lambda: api.protection(store, policy, live, "cpu", D_OUT), repeat=1)
+        res["protection_s"] = _timed(lambda: EditInputs.read(store, recs, policy, live).protection("cpu"), repeat=1)
         res["live_groups"] = len(live)
         res["align_per_group_s"] = _align_cost(store, policy, live)
 
@@ -164,7 +167,7 @@ def write_report(out: Path, res: dict, argv) -> None:
         f"| `rollback --to {res['batches'] // 2}` (materialise + verify + commit) | {res['rollback_to_half_s']:.2f} | < 5 s |",
         f"| `rollback --to 0` | {res['rollback_to_0_s']:.2f} | < 5 s |",
         f"| push bookkeeping: plan groups | {res['plan_groups_s']:.3f} | |",
-        f"| push bookkeeping: protection set + bank of {res['live_groups']} groups | {res['protection_s']:.2f} | |",
+        f"| push bookkeeping: inputs read once (head sums, protection set, bank of {res['live_groups']} groups) | {res['protection_s']:.2f} | |",
         f"| EAMET alignment against that bank, per group (top-M selection + 20 steps of the term "
         f"and its gradient) | {res['align_per_group_s']:.4f} | |",
         "",

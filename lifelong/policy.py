@@ -170,7 +170,7 @@ class Policy(BaseModel):
         "euclidean",
         description="What a normalized step's length is measured in: 'euclidean' (‖δ‖), or "
         "'fisher' (√(δᵀF̃δ), F̃ the Fisher of the LM loss with respect to the edited layers' "
-        "outputs on init's corpus, scaled to mean eigenvalue 1; lifelong/sensitivity.py). "
+        "outputs on init's corpus, scaled to mean eigenvalue 1; lifelong/edit/fisher.py). "
         "Ordinary text's loss grows by about ½·rᵀFr per token for a residual r written into "
         "those outputs, and F is far from isotropic: measured in it, δ reaches its target "
         "through directions text is less sensitive to. 'fisher' needs optimizer normalized "

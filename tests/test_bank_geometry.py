@@ -1,4 +1,4 @@
-"""bench/bank_geometry.py's arithmetic on small matrices (no model)."""
+"""experiments/bank_geometry.py's arithmetic on small matrices (no model)."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-spec = importlib.util.spec_from_file_location("bank_geometry", ROOT / "bench" / "bank_geometry.py")
+sys.path.insert(0, str(ROOT / "experiments"))
+spec = importlib.util.spec_from_file_location("bank_geometry", ROOT / "experiments" / "bank_geometry.py")
 bank_geometry = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bank_geometry)
 

@@ -593,7 +593,7 @@ class _Killed(BaseException):
     """Stands for SIGKILL inside an in-process run: no `except Exception` catches it."""
 
 
-# bugs in lifelong/refresh.py these moments expose (strict: the test says so once they are fixed)
+# bugs in lifelong/ops/refresh.py these moments expose (strict: the test says so once they are fixed)
 @pytest.mark.parametrize("which, moment", [
     ("refresh_ref", "writing_the_state_file"),
     ("refresh_ref", "before_the_file_moves"),

@@ -44,7 +44,7 @@ def push(records: list[BatchRecord], facts: list[dict], merge: bool = True) -> l
 
 def test_history_imports_no_heavy_modules():
     """`lifelong log` must start fast: the history needs neither numpy, h5py nor torch."""
-    code = ("import sys, lifelong.history; "
+    code = ("import sys, lifelong.store.history; "
             "print(sorted({'numpy', 'h5py', 'torch'} & set(sys.modules)))")
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)

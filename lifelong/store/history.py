@@ -1,7 +1,7 @@
 """The edit history as pure data: batch ids, head, statuses, merged groups, supersession.
 
 Nothing here touches files, h5py, numpy or torch, so every rule is tested with
-tiny inline records (tests/test_history.py). The store (lifelong/store.py)
+tiny inline records (tests/test_history.py). The store (lifelong/store/store.py)
 persists a list of `BatchRecord`; the verbs (push, rollback, log) call these
 functions to decide what is live.
 

@@ -13,27 +13,29 @@ subjects at their last token (bare prompt). Reports
     percentile over pairs of different subjects (the neighbors metric's failure mode), and
     to ordinary text, √(kᵢᵀPC₀Pkᵢ) / (kᵢᵀPkᵢ + α) (the drift's), median over subjects.
 
-    python bench/layer_scan.py [--layers 0-12] [--threshold 1e-2]
+    python experiments/layer_scan.py [--layers 0-12] [--threshold 1e-2]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from benchdata import SHARED, WIKI, plain_wikitext
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # ../bench: benchdata.py, quality.py
+from benchdata import SHARED, WIKI, plain_wikitext  # noqa: E402
 
 
 def main(argv=None) -> None:
-    from lifelong.corpus import chunk_tokens, read_corpus
+    from lifelong.model.corpus import chunk_tokens, read_corpus
     from lifelong.facts import Fact
-    from lifelong.models import load_model, resolve_model
-    from lifelong.prompts import make_row, pad_rows
-    from lifelong.stats import projector, second_moments
-    from lifelong.trace import module_inputs
+    from lifelong.model.loading import load_model, resolve_model
+    from lifelong.model.prompts import make_row, pad_rows
+    from lifelong.edit.stats import projector, second_moments
+    from lifelong.model.hooks import module_inputs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="0-12")

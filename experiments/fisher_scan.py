@@ -9,7 +9,7 @@ and for the values of STORE's first batch (bank/deltas), how sensitive their dir
 under the metric the policy steps in, F = Σ_l F_l: δᵀFδ / (‖δ‖²·tr(F)/d), 1 for a random
 direction. Values stepped in ‖δ‖ sit above 1; steps measured in F move them below.
 
-    python bench/fisher_scan.py bench/work/quality_quick/c200k.h5 --tokens 32768
+    python experiments/fisher_scan.py bench/work/quality_quick/c200k.h5 --tokens 32768
 """
 from __future__ import annotations
 
@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # ../bench: benchdata.py, quality.py
 
 from benchdata import WIKI, plain_wikitext  # noqa: E402
 from leak_bound import report  # noqa: E402
 
-from lifelong.corpus import chunk_tokens, read_corpus  # noqa: E402
-from lifelong.models import ModelSource, load_model  # noqa: E402
-from lifelong.sensitivity import RIDGE, residual_fisher  # noqa: E402
-from lifelong.store import Store  # noqa: E402
-from lifelong.trace import layer_name  # noqa: E402
+from lifelong.model.corpus import chunk_tokens, read_corpus  # noqa: E402
+from lifelong.model.loading import ModelSource, load_model  # noqa: E402
+from lifelong.edit.fisher import RIDGE, residual_fisher  # noqa: E402
+from lifelong.store.store import Store  # noqa: E402
+from lifelong.policy import layer_name  # noqa: E402
 
 
 def sensitivity(deltas: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
     total = sum(F.values())
     deltas = torch.from_numpy(store.batch_arrays(1, ["bank/deltas"])["bank/deltas"]).double()   # (n, d)
     s = sensitivity(deltas, total)
-    lines = [f"`python bench/fisher_scan.py {args.store} --tokens {args.tokens}` "
+    lines = [f"`python experiments/fisher_scan.py {args.store} --tokens {args.tokens}` "
              f"({pol.get('value_metric', 'euclidean')} steps; F from {n} tokens of {corpus.name})", "",
              *table, "",
              f"Batch 1's {len(s)} values, δᵀFδ / (‖δ‖²·mean eig), F = Σ_l F_l: median {float(s.median()):.2f}, "

@@ -7,15 +7,18 @@ damage after names (rather than spread thinly over all text) says the edits leak
 what the edited subjects share with other names, which the preserved statistics of plain
 text barely see.
 
-    python bench/token_damage.py bench/work/quality_wikitext/counterfact-shipped.h5
+    python experiments/token_damage.py bench/work/quality_cpu10/counterfact-shipped.h5
 """
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from benchdata import wikitext_test_chunks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # ../bench: benchdata.py, quality.py
+from benchdata import wikitext_test_chunks  # noqa: E402
 
 
 @torch.no_grad()
@@ -28,9 +31,9 @@ def token_nll(model, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
 
 
 def main(argv=None) -> None:
-    from lifelong import history
-    from lifelong.session import Session
-    from lifelong.store import Store
+    from lifelong.store import history
+    from lifelong.model.session import Session
+    from lifelong.store.store import Store
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("store")

@@ -10,7 +10,7 @@ keys K and the base statistics C₀ = E[k₀k₀ᵀ]:
 Summed over layers. K_p is the keys of every earlier active batch's groups, less those a
 merged group of a later batch replaced.
 
-    python bench/leak_bound.py bench/work/quality_quick/ngd08-r30x2.h5 [--out FILE.md]
+    python experiments/leak_bound.py bench/work/quality_quick/ngd08-r30x2.h5 [--out FILE.md]
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lifelong.api import UNITS, key_rows  # noqa: E402
-from lifelong.store import Store  # noqa: E402
+from lifelong.store.layout import UNITS, key_rows  # noqa: E402
+from lifelong.store.store import Store  # noqa: E402
 
 
 def leak(D: torch.Tensor, C: torch.Tensor) -> float:
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
              "|---:|---:|---:|---:|---:|"]
     for b, cost, least, moved in rows(Store.open(args.store)):
         table.append(f"| {b} | {cost:.1f} | {least:.1f} | {cost / least:.2f} | {moved:.1f} |")
-    text = f"`python bench/leak_bound.py {args.store}`\n\n" + "\n".join(table) + "\n"
+    text = f"`python experiments/leak_bound.py {args.store}`\n\n" + "\n".join(table) + "\n"
     report(text, args.out)
 
 

@@ -10,7 +10,7 @@ For the live groups of each STORE (bank/keys and bank/deltas of every batch they
                 eigenvalue 1 (stores with value_metric fisher only): what it asks of text
 Compare two stores built from the same facts with alignment off and on.
 
-    python bench/bank_geometry.py bench/work/quality_cpu10/counterfact-shipped.h5 \
+    python experiments/bank_geometry.py bench/work/quality_cpu10/counterfact-shipped.h5 \
         bench/work/quality_cpu10/counterfact-full.h5
 """
 from __future__ import annotations
@@ -25,16 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leak_bound import report  # noqa: E402
 
-from lifelong.api import live_batch_arrays  # noqa: E402
-from lifelong.history import live_groups  # noqa: E402
-from lifelong.store import Store  # noqa: E402
+from lifelong.ops.inputs import EditInputs  # noqa: E402
+from lifelong.policy import policy_from_json  # noqa: E402
+from lifelong.store.history import live_groups  # noqa: E402
+from lifelong.store.store import Store  # noqa: E402
 
 
 def live_bank(store: Store) -> tuple[np.ndarray, np.ndarray]:
     """Keys and residuals of the store's live groups, in batch order."""
-    parts = [(arr["bank/keys"][gs], arr["bank/deltas"][gs])
-             for _, gs, arr in live_batch_arrays(store, live_groups(store.records), ["bank/keys", "bank/deltas"])]
-    return tuple(np.concatenate(x).astype(np.float64) for x in zip(*parts))
+    inputs = EditInputs.read(store, store.records, policy_from_json(store.policy_json), live_groups(store.records))
+    return tuple(np.concatenate(x).astype(np.float64) for x in (inputs.bank_keys, inputs.bank_deltas))
 
 
 def geometry(keys: np.ndarray, deltas: np.ndarray, fisher: np.ndarray | None) -> dict:

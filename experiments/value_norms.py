@@ -5,21 +5,23 @@ optimizes δ with the fast value loop on the store's base model and reports the 
 ‖δ‖/‖h^L‖, the mean steps and how many reached the early stop. A δ is the residual the
 update writes, so a shorter one for the same target is a smaller weight change.
 
-    python bench/value_norms.py STORE [--facts 20]
+    python experiments/value_norms.py STORE [--facts 20]
 
 STORE: any store made with `lifelong init` for smollm2-135m (its base weights and
-contexts are used; nothing is written to it). Writes bench/reports/value_norms.md.
+contexts are used; nothing is written to it). Writes experiments/reports/value_norms.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
-from quality import counterfact_batches
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # ../bench: benchdata.py, quality.py
+from quality import counterfact_batches  # noqa: E402
 
 REPORTS = Path(__file__).parent / "reports"
 
@@ -34,12 +36,12 @@ VARIANTS = {
 
 
 def main(argv=None) -> None:
-    from lifelong.edit import layer_name
+    from lifelong.edit.batch import layer_name
     from lifelong.facts import Fact
-    from lifelong.session import Session
-    from lifelong.store import Store
-    from lifelong.values import reached_stop
-    from lifelong.values_fast import optimize_value_fast
+    from lifelong.model.session import Session
+    from lifelong.store.store import Store
+    from lifelong.edit.values import reached_stop
+    from lifelong.edit.values_fast import optimize_value_fast
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("store")
@@ -50,7 +52,7 @@ def main(argv=None) -> None:
     session = Session.open(Store.open(args.store), log=lambda *a, **k: None, records=[])
     facts = [Fact.from_dict(d) for d in counterfact_batches(args.facts, args.facts)[0]]
     lines = [f"# Value length per δ optimizer (SmolLM2-135M, first {len(facts)} CounterFact dev facts)", "",
-             f"`python bench/value_norms.py STORE --facts {args.facts}`; one group per fact, the store's policy "
+             f"`python experiments/value_norms.py STORE --facts {args.facts}`; one group per fact, the store's policy "
              "with the overrides shown, base weights.", "",
              "| variant | overrides | median ‖δ‖/‖h‖ | mean steps | reached early stop |", "|---|---|---:|---:|---:|"]
     for name, over in VARIANTS.items():

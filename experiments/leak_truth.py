@@ -7,12 +7,12 @@ For each active batch of STORE and the stored Δ = A·B, summed over edited laye
                   (the first 400 lines of WikiText-2 test, 64 × 128 tokens: what quality_quick
                   measures drift on) and the live facts' neighbor prompts (every token)
   re-solved       the least-leak Δ* that writes what Δ wrote on K and holds the earlier
-                  batches' keys K_p (as bench/leak_bound.py), solved with C₀ from N tokens of
+                  batches' keys K_p (as experiments/leak_bound.py), solved with C₀ from N tokens of
                   the corpus for each --tokens N, and its leak on held-out text and neighbors
 A C₀ from too few tokens underestimates its small eigenvalues, so the solve leans on
 directions that real text does use.
 
-    python bench/leak_truth.py bench/work/quality_quick/memit20-hold.h5 --tokens 20000,200000
+    python experiments/leak_truth.py bench/work/quality_quick/memit20-hold.h5 --tokens 20000,200000
 """
 from __future__ import annotations
 
@@ -24,15 +24,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # ../bench: benchdata.py, quality.py
 
 from benchdata import WIKI, plain_wikitext, wikitext_test_chunks  # noqa: E402
 from leak_bound import active_batches, delta, leak, least_leak_update, report  # noqa: E402
 
 from lifelong.api import live_facts  # noqa: E402
-from lifelong.corpus import chunk_tokens, read_corpus  # noqa: E402
-from lifelong.models import ModelSource, load_model  # noqa: E402
-from lifelong.stats import second_moments  # noqa: E402
-from lifelong.store import Store  # noqa: E402
+from lifelong.model.corpus import chunk_tokens, read_corpus  # noqa: E402
+from lifelong.model.loading import ModelSource, load_model  # noqa: E402
+from lifelong.edit.stats import second_moments  # noqa: E402
+from lifelong.store.store import Store  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
         print(table[-1], flush=True)
     pairs = [f"{total[3 + 2 * j]:.1f} / {total[4 + 2 * j]:.1f}" for j in range(len(sizes))]
     table.append(f"| sum | {total[0]:.1f} | {total[1]:.1f} | {total[2]:.1f} | " + " | ".join(pairs) + " |")
-    text = (f"`python bench/leak_truth.py {args.store} --tokens {args.tokens}` (the store's C₀: "
+    text = (f"`python experiments/leak_truth.py {args.store} --tokens {args.tokens}` (the store's C₀: "
             f"{store.info.get('corpus_tokens')} tokens)\n\n" + "\n".join(table) + "\n")
     report(text, args.out)
 
