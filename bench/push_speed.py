@@ -73,13 +73,13 @@ def main(argv=None) -> dict:
     overrides = {k: v for k, v in (("prefix_tokens", args.prefix_tokens), ("n_prefixes", args.n_prefixes))
                  if v is not None}
     pol = load_policy(find_policy("smollm2-135m")).with_overrides(corpus_tokens=args.corpus_tokens, **overrides)
-    res["contexts"] = {"n_prefixes": pol.n_prefixes, "prefix_tokens": pol.prefix_tokens}
+    res["contexts"] = {"n_prefixes": pol.contexts.n_prefixes, "prefix_tokens": pol.contexts.prefix_tokens}
     pol_file = tmp / "policy.json"
     pol_file.write_text(pol.model_dump_json())
     yaml_file = tmp / "policy.yaml"
     import yaml
 
-    yaml_file.write_text(yaml.safe_dump(json.loads(pol.model_dump_json())))
+    yaml_file.write_text(yaml.safe_dump(pol.file_data(), sort_keys=False))
     corpus = plain_wikitext(tmp / "corpus.txt", lines=20_000)
     t = time.perf_counter()
     api.init(tmp / "s.h5", model="smollm2-135m", policy=str(yaml_file), corpus=str(corpus), log=lambda m: None)

@@ -252,7 +252,7 @@ def ensure_init(work: Path, overrides: dict) -> None:
     t = time.perf_counter()
     pol = load_policy(find_policy("smollm2-135m")).with_overrides(**overrides)
     pol_file = work / f"{name}.policy.yaml"
-    pol_file.write_text(yaml.safe_dump(json.loads(pol.model_dump_json())))
+    pol_file.write_text(yaml.safe_dump(pol.file_data(), sort_keys=False))
     staging = work / f"{name}.staging.h5"
     for p in (staging, Path(f"{staging}.d"), Path(f"{staging}.lock")):
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -273,7 +273,7 @@ def shared_runs(runs) -> dict:
     first, alias = {}, {}
     for s, v in runs:
         pol = shipped.with_overrides(**init_overrides(v), **push_overrides(v))
-        key = (s, init_name(v), pol.model_dump_json())
+        key = (s, init_name(v), pol.stored_json())
         if key in first:
             alias[(s, v)] = first[key]
         else:

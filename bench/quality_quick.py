@@ -35,15 +35,15 @@ ADAM_ERA = "adam lr 1"   # the rows made before the base policy was written down
 
 def describe(pol) -> str:
     """The settings of a policy that set how values are optimized and written, in a few words."""
-    words = [f"adam lr {pol.lr:g}" if pol.optimizer == "adam" else f"normalized {pol.step_size:g}"]
-    words += [f"in the residual Fisher ({pol.fisher_tokens // 1000}k tokens)"] if pol.value_metric == "fisher" else []
-    words += [f"min_realized {pol.min_realized:g}"] if pol.min_realized > 0 else []
-    words += [f"rescale_max {pol.rescale_max:g}"] if pol.rescale_max > 1 else []
-    words += [f"sweeps {pol.sweeps}"] if pol.sweeps > 1 else []
-    words += [f"C₀ {pol.corpus_tokens // 1000}k tokens"] if pol.corpus_tokens != 20000 else []  # 20k until 2026-11-25
+    words = [f"adam lr {pol.values.lr:g}" if pol.values.optimizer == "adam" else f"normalized {pol.values.step_size:g}"]
+    words += [f"in the residual Fisher ({pol.preserved.fisher_tokens // 1000}k tokens)"] if pol.values.metric == "fisher" else []
+    words += [f"min_realized {pol.update.min_realized:g}"] if pol.update.min_realized > 0 else []
+    words += [f"rescale_max {pol.update.rescale_max:g}"] if pol.update.rescale_max > 1 else []
+    words += [f"sweeps {pol.experiment.sweeps}"] if pol.experiment.sweeps > 1 else []
+    words += [f"C₀ {pol.preserved.corpus_tokens // 1000}k tokens"] if pol.preserved.corpus_tokens != 20000 else []  # 20k until 2026-11-25
     # the update; rows before 2026-11-24 (late) left it out: AlphaEdit α 1
-    words += ([f"memit λ {pol.mom2_weight:g}" + (" holding earlier edits" if pol.hold_earlier else "")]
-              if not pol.project else [f"alphaedit α {pol.alpha:g}"])
+    words += ([f"memit λ {pol.update.mom2_weight:g}" + (" holding earlier edits" if pol.update.hold_earlier else "")]
+              if not pol.update.project else [f"alphaedit α {pol.update.alpha:g}"])
     return ", ".join(words)
 
 
@@ -59,7 +59,7 @@ def fresh_store(work: Path, name: str, init_over: dict) -> Path:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     pol = load_policy(find_policy("smollm2-135m")).with_overrides(**init_over)
     pol_file = work / f"{name}.policy.yaml"
-    pol_file.write_text(yaml.safe_dump(json.loads(pol.model_dump_json())))
+    pol_file.write_text(yaml.safe_dump(pol.file_data(), sort_keys=False))
     corpus = plain_wikitext(work / "corpus.txt", lines=20_000, src=WIKI)
     api.init(store, model="smollm2-135m", policy=str(pol_file), corpus=str(corpus))
     return store

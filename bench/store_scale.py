@@ -55,7 +55,7 @@ def build(path: Path, n_edits: int, batch: int, seed: int = 0) -> tuple[Store, o
         arrays[layer_key(l, "P")] = np.eye(D_IN, dtype=np.float32)
         arrays[layer_key(l, "eigvals")] = np.ones(D_IN)
     store = Store.create(path, model={"source": {"name": "synthetic", "kind": "hf-dir", "path": "-", "sha256": "-"}},
-                         policy_json=policy.model_dump_json(),
+                         policy_json=policy.stored_json(),
                          base_fingerprint={str(l): fingerprint(w) for l, w in base.items()},
                          info={"contexts": ["{}"], "layers": {}}, base_arrays=arrays)
     acc = dict(base)  # materialize's float64 sum so far
@@ -92,7 +92,7 @@ def _align_cost(store, policy, live, steps: int = 20) -> float:
     key = torch.randn(bank.keys.shape[1], generator=g)
 
     def one_group():
-        term = bank.objective(key, policy.tau, policy.top_m, 2.0, 8.0, "cpu")
+        term = bank.objective(key, policy.alignment.tau, policy.alignment.top_m, 2.0, 8.0, "cpu")
         delta = torch.randn(D_OUT, generator=g, requires_grad=True)
         for _ in range(steps):
             term(delta).backward()

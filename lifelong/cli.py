@@ -33,6 +33,13 @@ def _store_path(value):
     return store_path(value)
 
 
+def _audit(verb: str, store, *args):
+    """A read-only verb of `ops.audit` (log_rows, show, status, migrate): no torch import."""
+    from lifelong.ops import audit
+
+    return getattr(audit, verb)(_store_path(store), *args)
+
+
 def _log(msg: str) -> None:
     click.echo(msg, err=True)
 
@@ -171,9 +178,7 @@ def rollback(to, no_wait, store, as_json):
 @json_option
 def log(store, as_json):
     """The batch history: id, time, source, facts, efficacy, status, supersession."""
-    from lifelong.ops.audit import log_rows
-
-    rows = log_rows(_store_path(store))
+    rows = _audit("log_rows", store)
 
     def text(rows):
         if not rows:
@@ -196,9 +201,7 @@ def log(store, as_json):
 @json_option
 def show(batch, store, as_json):
     """Everything recorded about batch N."""
-    from lifelong.ops.audit import show as show_batch
-
-    d = show_batch(_store_path(store), batch)
+    d = _audit("show", store, batch)
 
     def text(d):
         click.echo(f"batch {d['id']}  {d['status']}  {d['created']}  {d['source']}  sha256:{d['sha256']}")
@@ -220,9 +223,7 @@ def show(batch, store, as_json):
 @json_option
 def status(store, as_json):
     """Where the store lives, its model, head, counts, size and format version."""
-    from lifelong.ops.audit import status as store_status
-
-    d = store_status(_store_path(store))
+    d = _audit("status", store)
 
     def text(d):
         click.echo(f"store    {d['store']} (format {d['format_version']}, {d['size_bytes'] / 1e6:.1f} MB)")
@@ -237,9 +238,7 @@ def status(store, as_json):
 @json_option
 def migrate(store, as_json):
     """Rewrite an older store at this version's format (each migration is recorded in the store)."""
-    from lifelong.ops.audit import migrate as migrate_store
-
-    res = migrate_store(_store_path(store))
+    res = _audit("migrate", store)
     _emit(res, as_json, lambda d: click.echo(
         f"{d['store']}: migrated from format {d['migrated_from']} to {d['format_version']}"
         if d["migrated_from"] else f"{d['store']}: already at format {d['format_version']}"))

@@ -104,16 +104,20 @@ model: tiny random {arch} built in tests
 source: test settings
 module_template: "{template}"
 layers: [0, 1]
-n_prefixes: 2
-prefix_tokens: 3
-steps: 40
-lr: 1.0
-clamp_norm_factor: 20.0
-weight_decay: 0.01
-early_stop_loss: 0.02
-alpha: 1.0
-nullspace_threshold: {threshold}
-corpus_tokens: 3000
+contexts:
+  n_prefixes: 2
+  prefix_tokens: 3
+values:
+  steps: 40
+  lr: 1.0
+  clamp_norm_factor: 20.0
+  weight_decay: 0.01
+  early_stop_loss: 0.02
+update:
+  alpha: 1.0
+preserved:
+  nullspace_threshold: {threshold}
+  corpus_tokens: 3000
 """
 
 

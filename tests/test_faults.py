@@ -322,7 +322,7 @@ def pristine(tmp_path_factory, tiny_llama_dir) -> Path:
     """An `init`ed tiny-Llama store (alignment off, as in test_refresh); tests must not write to it."""
     d = tmp_path_factory.mktemp("faults-pristine")
     policy = write_policy(d, "llama")
-    policy.write_text(policy.read_text() + "align: false\n")
+    policy.write_text(policy.read_text() + "alignment:\n  enabled: false\n")
     store = d / "s.h5"
     api.init(store, model=str(tiny_llama_dir), policy=str(policy))
     return store

@@ -80,7 +80,7 @@ def test_heldout_file_is_the_text_eval_measures_perplexity_on(tmp_path, tiny_lla
 def test_a_corpus_file_gives_corpus_tokens_and_sampling_gives_sampled_tokens(tmp_path, tiny_llama_dir,
                                                                             tiny_policy_factory):
     pol = tiny_policy_factory("llama", threshold=0.05)
-    pol.write_text(pol.read_text().replace("corpus_tokens: 3000", "corpus_tokens: 2000\nsampled_tokens: 512"))
+    pol.write_text(pol.read_text().replace("corpus_tokens: 3000", "corpus_tokens: 2000\n  sampled_tokens: 512"))
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"Line {i} of a quiet text about rivers and hills.\n" for i in range(600)))
     api.init(tmp_path / "file.h5", model=str(tiny_llama_dir), policy=str(pol), corpus=str(text))

@@ -96,7 +96,7 @@ def lifelong_cmd() -> list[str]:
 def pristine(tmp_path_factory, tiny_llama_dir) -> Path:
     d = tmp_path_factory.mktemp("refresh-store")
     policy = write_policy(d, "llama")
-    policy.write_text(policy.read_text() + "align: false\n")
+    policy.write_text(policy.read_text() + "alignment:\n  enabled: false\n")
     store = d / "s.h5"
     api.init(store, model=str(tiny_llama_dir), policy=str(policy))
     return store

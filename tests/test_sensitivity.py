@@ -114,7 +114,8 @@ def test_residual_fisher_is_the_mean_outer_product_of_each_tokens_gradient(arch,
 
 def test_init_stores_the_fisher_a_fisher_policy_steps_in(tmp_path, tiny_llama_dir, tiny_policy_factory):
     pol = tiny_policy_factory("llama", threshold=0.05)
-    pol.write_text(pol.read_text() + "optimizer: normalized\nstep_size: 0.1\nvalue_metric: fisher\nfisher_tokens: 512\n")
+    pol.write_text(pol.read_text().replace("values:\n", "values:\n  optimizer: normalized\n  step_size: 0.1\n  metric: fisher\n")
+                   .replace("preserved:\n", "preserved:\n  fisher_tokens: 512\n"))
     path = tmp_path / "s.h5"
     api.init(path, model=str(tiny_llama_dir), policy=str(pol))
     store = Store.open(path)
@@ -131,7 +132,7 @@ def test_init_stores_the_fisher_a_fisher_policy_steps_in(tmp_path, tiny_llama_di
 def test_a_fisher_push_on_a_store_without_one_is_refused_and_changes_nothing(tmp_path, tiny_llama_dir,
                                                                             tiny_policy_factory):
     pol = tiny_policy_factory("llama", threshold=0.05)
-    pol.write_text(pol.read_text() + "optimizer: normalized\nstep_size: 0.1\n")
+    pol.write_text(pol.read_text().replace("values:\n", "values:\n  optimizer: normalized\n  step_size: 0.1\n"))
     path = tmp_path / "s.h5"
     api.init(path, model=str(tiny_llama_dir), policy=str(pol))
     assert FISHER not in Store.open(path).base_arrays([], optional=(FISHER,))
@@ -145,5 +146,5 @@ def test_fisher_needs_normalized_steps(tiny_policy_factory):
     from lifelong.errors import PolicyError
     from lifelong.policy import load_policy
 
-    with pytest.raises(PolicyError, match="value_metric"):
+    with pytest.raises(PolicyError, match="values.metric"):
         load_policy(tiny_policy_factory("llama")).with_overrides(value_metric="fisher")

@@ -192,7 +192,7 @@ def test_margin_stop_is_the_same_in_every_loop(tiny):
     pol = free.with_overrides(stop_margin=float(stop))
     slow, fast = (f(model, tok, ONE, CONTEXTS, LAYER[arch], pol, None, seed=0)
                   for f in (optimize_value, optimize_value_fast))
-    assert fast.steps == slow.steps < free.steps
+    assert fast.steps == slow.steps < free.values.steps
     assert fast.margin >= stop and slow.margin >= stop
     assert rel(fast.delta, slow.delta) < 1e-4
     joint = optimize_values_batched(model, tok, groups, CONTEXTS, LAYER[arch], pol)

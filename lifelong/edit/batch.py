@@ -79,7 +79,7 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     # values, one group after another, each aligned to the bank as it grows
     t = time.perf_counter()
     values: list[ValueResult] = []
-    if optimize is None and not policy.align:
+    if optimize is None and not policy.alignment.enabled:
         values = optimize_values_batched(model, tok, [g.facts for g in groups], contexts, out_layer, policy,
                                          metric=metric)
         for gi, (g, res) in enumerate(zip(groups, values)):
@@ -89,9 +89,9 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
             f"{sum(v.seconds for v in values):.1f}s")
     for gi, g in enumerate(groups if not values else []):
         term = None
-        if policy.align:
-            term = bank.objective(bank_keys[gi], policy.tau, policy.top_m, policy.lambda_kl,
-                                  policy.lambda_mse, next(model.parameters()).device)
+        if policy.alignment.enabled:
+            term = bank.objective(bank_keys[gi], policy.alignment.tau, policy.alignment.top_m, policy.alignment.lambda_kl,
+                                  policy.alignment.lambda_mse, next(model.parameters()).device)
         res = (optimize or optimize_value_fast)(model, tok, g.facts, contexts, out_layer, policy, term, seed=gi,
                                                    metric=metric)
         values.append(res)
@@ -108,28 +108,28 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     # start when its shares ask for it.
     t = time.perf_counter()
     modules = {l: get_module(model, module_name(policy.module_template, l)) for l in layers}
-    probe = policy.min_realized > 0 or policy.rescale_max > 1
+    probe = policy.update.min_realized > 0 or policy.update.rescale_max > 1
     start = {l: read_matrix(m) for l, m in modules.items()} if probe else None
     keys_at_start = current.fork() if probe else None
-    parts, keys, realized = _spread(current, z, h_start, du, None, range(1 if probe else policy.sweeps),
+    parts, keys, realized = _spread(current, z, h_start, du, None, range(1 if probe else policy.experiment.sweeps),
                                     policy, layer_ctx, modules, log, "first pass: " if probe else "")
-    written = realized >= policy.min_realized if policy.min_realized > 0 else torch.ones_like(realized, dtype=torch.bool)
-    if probe and (policy.rescale_max > 1 or not written.all()):
+    written = realized >= policy.update.min_realized if policy.update.min_realized > 0 else torch.ones_like(realized, dtype=torch.bool)
+    if probe and (policy.update.rescale_max > 1 or not written.all()):
         unit_facts = [f for g in groups for f in g.facts]                # the units, in order
         for j in (~written).nonzero().flatten().tolist():
             g = groups[int(ug[j])]
             what = f"group {g.subject!r}" if len(g.facts) == 1 else \
                 f"fact {unit_facts[j].render()!r} of group {g.subject!r}"
             log(f"{what} left unwritten: the first pass wrote {float(realized[j]):.0%} "
-                f"of its δ (min_realized {policy.min_realized:g}); its key is held in place")
+                f"of its δ (min_realized {policy.update.min_realized:g}); its key is held in place")
         for l, w in start.items():
             write_matrix(modules[l], w)
         current = keys_at_start
-        z = h_start + du * (1 / realized.clamp(min=1e-6)).clamp(min=1.0, max=policy.rescale_max)[:, None]
-        parts, keys, realized = _spread(current, z, h_start, du, written, range(policy.sweeps),
+        z = h_start + du * (1 / realized.clamp(min=1e-6)).clamp(min=1.0, max=policy.update.rescale_max)[:, None]
+        parts, keys, realized = _spread(current, z, h_start, du, written, range(policy.experiment.sweeps),
                                         policy, layer_ctx, modules, log, "spread again: ")
-    elif probe and policy.sweeps > 1:                                     # the probe was sweep 1
-        parts, keys, realized = _spread(current, z, h_start, du, None, range(1, policy.sweeps),
+    elif probe and policy.experiment.sweeps > 1:                                     # the probe was sweep 1
+        parts, keys, realized = _spread(current, z, h_start, du, None, range(1, policy.experiment.sweeps),
                                         policy, layer_ctx, modules, log, "", parts)
     factors = {l: (torch.cat([a for a, _ in ps], 1), torch.cat([b for _, b in ps], 0)) for l, ps in parts.items()}
     timings["update"] = time.perf_counter() - t
@@ -161,9 +161,9 @@ def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, lay
                 R = R * written.to(R.dtype)[None, :]
             ctx = layer_ctx[layer]
             if ctx.P is not None:
-                A, B = projected_update(R, K.t(), ctx.P, ctx.KpKpT, policy.alpha, ctx.mom2, policy.preserve_weight)
+                A, B = projected_update(R, K.t(), ctx.P, ctx.KpKpT, policy.update.alpha, ctx.mom2, policy.experiment.preserve_weight)
             else:
-                A, B = memit_update(R, K.t(), ctx.mom2, policy.mom2_weight, ctx.KpKpT)
+                A, B = memit_update(R, K.t(), ctx.mom2, policy.update.mom2_weight, ctx.KpKpT)
             check_finite(f"update of layer {layer}", A)
             check_finite(f"update of layer {layer}", B)
             write_matrix(modules[layer], materialize(read_matrix(modules[layer]), [(A, B)]))
@@ -173,7 +173,7 @@ def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, lay
         current.after_update(updated)
         updated = None
         realized = realized_share(current.out - h_start, deltas)
-        what = label + (f"sweep {sweep + 1}: " if policy.sweeps > 1 else "")
+        what = label + (f"sweep {sweep + 1}: " if policy.experiment.sweeps > 1 else "")
         log(f"{what}target residuals realized at layer {layers[-1]}: median "
             f"{float(realized.median()):.0%}, lowest {float(realized.min()):.0%}")
     return parts, keys, realized

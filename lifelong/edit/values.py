@@ -94,7 +94,7 @@ def scored_logp(head, hidden: torch.Tensor, t_idx: torch.Tensor,
 def reached_stop(nll: float, margin: float, policy) -> bool:
     """The early stop: the target NLL below early_stop_loss, or (with stop_margin set) every
     target token the argmax by at least stop_margin nats in every context."""
-    return nll < policy.early_stop_loss or (policy.stop_margin is not None and margin >= policy.stop_margin)
+    return nll < policy.values.early_stop_loss or (policy.experiment.stop_margin is not None and margin >= policy.experiment.stop_margin)
 
 
 class NormalizedSteps(torch.optim.Optimizer):
@@ -136,9 +136,9 @@ def make_optimizer(delta: torch.Tensor, policy, h_norm: float | torch.Tensor,
     """The policy's δ optimizer: Adam (MEMIT's) or normalized steps of step_size·‖h^L‖
     (h_norm: a float, or one per row of a (G, d) δ), measured in `metric` when given
     (the inverse metric (d, d), sensitivity.preconditioner; value_metric fisher)."""
-    if policy.optimizer == "normalized":
-        return NormalizedSteps(delta, policy.step_size * torch.as_tensor(h_norm).detach(), metric)
-    return torch.optim.Adam([delta], lr=policy.lr)
+    if policy.values.optimizer == "normalized":
+        return NormalizedSteps(delta, policy.values.step_size * torch.as_tensor(h_norm).detach(), metric)
+    return torch.optim.Adam([delta], lr=policy.values.lr)
 
 
 class _Abort(Exception):
@@ -175,7 +175,7 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
         if reached_stop(nll_val, margin_val, policy):
             break
         kl = torch.sum(ess_init.exp() * (ess_init - ess_logp))
-        loss = nll + policy.kl_factor * kl + policy.weight_decay * delta.pow(2).sum() / h_norm**2
+        loss = nll + policy.values.kl_factor * kl + policy.values.weight_decay * delta.pow(2).sum() / h_norm**2
         if align is not None:
             loss = loss + align(delta)
         opt.zero_grad()
@@ -183,7 +183,7 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
         opt.step()
         steps = step + 1
         with torch.no_grad():
-            cap = policy.clamp_norm_factor * h_norm
+            cap = policy.values.clamp_norm_factor * h_norm
             if delta.norm() > cap:
                 delta.mul_(cap / delta.norm())
     return steps, nll_start if nll_start is not None else nll_val, nll_val, margin_val
@@ -219,7 +219,7 @@ def optimize_value(model, tok, facts: list[Fact], contexts: list[str], layer_mod
 
     head = model.get_output_embeddings()
 
-    margins = policy.stop_margin is not None
+    margins = policy.experiment.stop_margin is not None
 
     def scored_only() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         with hooks(model, hook):

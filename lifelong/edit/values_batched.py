@@ -81,7 +81,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed, met
     tol = _CHECK_TOL.get(fwd.hL.dtype, _CHECK_TOL_LOW)
 
     active = torch.ones(G, dtype=torch.bool, device=device)
-    margins = policy.stop_margin is not None
+    margins = policy.experiment.stop_margin is not None
     steps = torch.zeros(G, dtype=torch.long)
     nll_start = nll_last = None
     view, groups_in_view = fwd, torch.arange(G, device=device)
@@ -123,14 +123,14 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed, met
         kl = torch.zeros(G, device=device).index_copy(
             0, groups_in_view, torch.sum(ess_init.exp() * (ess_init - ess_logp), dim=-1))   # (G,)
         wd = delta.pow(2).sum(-1) / h_norm**2
-        loss = ((nll + policy.kl_factor * kl + policy.weight_decay * wd) * active).sum()
+        loss = ((nll + policy.values.kl_factor * kl + policy.values.weight_decay * wd) * active).sum()
         frozen = delta.detach().clone()
         opt.zero_grad()
         loss.backward()
         opt.step()
         with torch.no_grad():
             delta[~active] = frozen[~active]                                    # stopped groups stay put
-            cap = policy.clamp_norm_factor * h_norm                             # (G,)
+            cap = policy.values.clamp_norm_factor * h_norm                             # (G,)
             norm = delta.norm(dim=-1)
             scale = torch.where(active & (norm > cap), cap / norm.clamp(min=1e-30), torch.ones_like(norm))
             delta.mul_(scale[:, None])

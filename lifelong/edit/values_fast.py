@@ -401,7 +401,7 @@ def optimize_value_fast(model, tok, facts: list[Fact], contexts: list[str], laye
         return fallback()
 
     fact_rows, r_idx, n_ctx = fwd.fact_rows, fwd.r_idx, len(contexts)
-    margins = policy.stop_margin is not None
+    margins = policy.experiment.stop_margin is not None
     torch.manual_seed(seed)
     delta = torch.zeros(fwd.hL.shape[-1], device=device, requires_grad=True)
     opt = make_optimizer(delta, policy, fwd.h_norm, metric)

@@ -42,6 +42,8 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
                            hint="e.g. --policy policies/llama3-8b.yaml")
         policy = model
     pol = load_policy(find_policy(policy))
+    for line in pol.unused():
+        log(f"warning: policy {pol.name!r}: {line}")
     if corpus is not None:
         texts = read_corpus(corpus)  # bad corpus fails before the model loads
     if heldout is not None:
@@ -59,10 +61,10 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
         f"edited {names[0]} … ({base[pol.layers[0]].shape[0]}×{d_in})")
 
     if corpus is not None:
-        seqs = chunk_tokens(tok, texts, pol.corpus_tokens, SEQ_LEN)
+        seqs = chunk_tokens(tok, texts, pol.preserved.corpus_tokens, SEQ_LEN)
         corpus_desc = f"file {corpus}"
     else:
-        n_seq = math.ceil((pol.sampled_tokens or pol.corpus_tokens) / SEQ_LEN)
+        n_seq = math.ceil((pol.preserved.sampled_tokens or pol.preserved.corpus_tokens) / SEQ_LEN)
         log(f"sampling {n_seq * SEQ_LEN} tokens of text from the model for the preserved statistics")
         seqs = sample_sequences(net, tok, n_seq, SEQ_LEN, seed=seed, progress=progress and progress("sample"))
         corpus_desc = "model-sampled text"
@@ -71,7 +73,7 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
     moments, counted = second_moments(net, names, seqs, progress=progress and progress("stats"))
     arrays, layer_info = {}, {}
     for l, n in zip(pol.layers, names):
-        proj = projector(moments[n], pol.nullspace_threshold)
+        proj = projector(moments[n], pol.preserved.nullspace_threshold)
         arrays[layer_key(l, "W")] = base[l].cpu().numpy()
         arrays[layer_key(l, "mom2")] = proj.mom2.cpu().numpy()
         arrays[layer_key(l, "P")] = proj.P.cpu().numpy()
@@ -81,17 +83,17 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
         log(f"layer {l}: null space keeps {proj.kept}/{d_in} dims ({proj.kept_energy:.2%} of the energy)")
         if proj.kept == 0:
             raise BadInput(f"layer {l}: no eigenvalue of E[kkᵀ] is below nullspace_threshold="
-                           f"{pol.nullspace_threshold}; nothing could be edited",
+                           f"{pol.preserved.nullspace_threshold}; nothing could be edited",
                            hint=f"raise the threshold above {float(proj.eigvals[0]):.3g} in the policy")
     fisher_info = {}
-    if pol.value_metric == "fisher":
-        fisher_seqs = seqs[: math.ceil(pol.fisher_tokens / SEQ_LEN)]
+    if pol.values.metric == "fisher":
+        fisher_seqs = seqs[: math.ceil(pol.preserved.fisher_tokens / SEQ_LEN)]
         log(f"residual Fisher over {sum(len(s) for s in fisher_seqs)} tokens (value_metric fisher)")
         per_layer, n_fisher = residual_fisher(net, [pol.layer_name(l) for l in pol.layers],
                                               fisher_seqs, progress=progress and progress("fisher"))
         arrays[FISHER] = sum(per_layer.values()).numpy()
         fisher_info = {"fisher_tokens": n_fisher}
-    contexts = context_templates(net, tok, pol.n_prefixes, pol.prefix_tokens, seed=seed + 1)
+    contexts = context_templates(net, tok, pol.contexts.n_prefixes, pol.contexts.prefix_tokens, seed=seed + 1)
     prefixes = eval_prefixes(net, tok, seed + 3)
     if heldout is not None:
         heldout_seqs = chunk_tokens(tok, heldout_texts, HELDOUT_FILE_TOKENS, SEQ_LEN)
@@ -113,5 +115,5 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
     model_info = {"source": source.to_dict(), "architecture": type(net).__name__,
                   "num_layers": int(net.config.num_hidden_layers)}
     fps = {str(l): fingerprint(w) for l, w in base.items()}
-    return Store.create(path, model=model_info, policy_json=pol.model_dump_json(),
+    return Store.create(path, model=model_info, policy_json=pol.stored_json(),
                         base_fingerprint=fps, info=info, base_arrays=arrays)

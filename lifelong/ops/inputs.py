@@ -40,10 +40,10 @@ class EditInputs:
     def read(cls, store: Store, records, policy: Policy, live: list[tuple[int, int]]) -> "EditInputs":
         """Read what a push at the head of `records` needs, with `live` the earlier groups it protects."""
         layers = policy.layers
-        stat_names = (["P"] if policy.project else []) + (["mom2"] if _uses_mom2(policy) else [])
+        stat_names = (["P"] if policy.update.project else []) + (["mom2"] if _uses_mom2(policy) else [])
         names = [layer_key(l, "W") for l in layers] + [layer_key(l, x) for l in layers for x in stat_names]
-        arrays = store.base_arrays(names, optional=(FISHER,) if policy.value_metric == "fisher" else ())
-        if policy.value_metric == "fisher" and FISHER not in arrays:
+        arrays = store.base_arrays(names, optional=(FISHER,) if policy.values.metric == "fisher" else ())
+        if policy.values.metric == "fisher" and FISHER not in arrays:
             raise BadInput(f"store {store.path} has no residual Fisher: its init ran with value_metric "
                            f"{json.loads(store.policy_json).get('value_metric', 'euclidean')!r}, and "
                            f"value_metric 'fisher' steps δ in it",
@@ -84,7 +84,7 @@ class EditInputs:
         ctx = {}
         for l in policy.layers:
             KpKpT = None
-            if self.kp[l] and (policy.project or policy.hold_earlier):         # the solves that use it
+            if self.kp[l] and (policy.update.project or policy.update.hold_earlier):         # the solves that use it
                 Kp = torch.from_numpy(np.concatenate(self.kp[l])).to(device)     # (n_live, d_in) fp32
                 KpKpT = (Kp.t() @ Kp).to(torch.float64)                          # fp32 BLAS: 2× faster
             P, mom2 = self.stats.get(layer_key(l, "P")), self.stats.get(layer_key(l, "mom2"))
@@ -110,4 +110,4 @@ class EditInputs:
 
 def _uses_mom2(policy: Policy) -> bool:
     """C₀ enters the MEMIT-style solve, or the projected one with preserve_weight."""
-    return not policy.project or policy.preserve_weight > 0
+    return not policy.update.project or policy.experiment.preserve_weight > 0

@@ -75,7 +75,7 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
     stored = policy_from_json(store.policy_json)
     policy = stored.with_overrides(**overrides) if overrides else stored
     batch_id = history.next_id(records)
-    plans = history.plan_groups([f.to_dict() for f in ff.facts], records, merge=policy.merge_same_subject)
+    plans = history.plan_groups([f.to_dict() for f in ff.facts], records, merge=policy.merging.same_subject)
     by_id = {r.id: r for r in records}
     groups = [Group(p.subject, [ff.facts[i] for i in p.new] +
                     [Fact.from_dict(by_id[b].facts[i]) for b, i in p.carried]) for p in plans]
@@ -155,7 +155,7 @@ def push_warnings(facts: list[Fact], scores: list[FactScore], groups: list[Group
         if not w:
             warnings.append(f"group {g.subject!r} left unwritten: its key has no room outside preserved "
                             f"knowledge and earlier edits (realized {float(r):.0%} < min_realized "
-                            f"{policy.min_realized:g})")
-        elif not reached_stop(v.nll, v.margin, policy) and v.nll > max(1.0, 20 * policy.early_stop_loss):
+                            f"{policy.update.min_realized:g})")
+        elif not reached_stop(v.nll, v.margin, policy) and v.nll > max(1.0, 20 * policy.values.early_stop_loss):
             warnings.append(f"group {g.subject!r}: optimization ended far from its target (NLL {v.nll:.2f})")
     return warnings

@@ -242,6 +242,11 @@ def _os_error(e: BaseException, doing: str) -> StoreError:
 # --------------------------------------------------------------------------- the store
 
 
+def _from_snapshot(name: str, doc: str) -> property:
+    """A read-only Store attribute that reads the current snapshot's field `name`."""
+    return property(lambda self: getattr(self._snap, name), doc=doc)
+
+
 class Store:
     """A snapshot of a store plus the means to change it (`writer`).
 
@@ -318,35 +323,13 @@ class Store:
         self._snap = _read_manifest(self.path)
 
     # ---- the snapshot
-    @property
-    def format_version(self) -> int:
-        """The format version on disk (FORMAT_VERSION unless migrated in memory)."""
-        return self._snap.format_version
-
-    @property
-    def created(self) -> str:
-        return self._snap.created
-
-    @property
-    def lifelong_version(self) -> str:
-        """The lifelong version that last wrote the manifest."""
-        return self._snap.lifelong_version
-
-    @property
-    def model(self) -> dict:
-        return self._snap.model
-
-    @property
-    def policy_json(self) -> str:
-        return self._snap.policy_json
-
-    @property
-    def base_fingerprint(self) -> dict:
-        return self._snap.base_fingerprint
-
-    @property
-    def info(self) -> dict:
-        return self._snap.info
+    format_version = _from_snapshot("format_version", "The format version on disk (FORMAT_VERSION unless migrated in memory).")
+    created = _from_snapshot("created", "When init created the store (UTC, ISO 8601).")
+    lifelong_version = _from_snapshot("lifelong_version", "The lifelong version that last wrote the manifest.")
+    model = _from_snapshot("model", "The base model's identity: source (name, kind, path, sha256), architecture, layers.")
+    policy_json = _from_snapshot("policy_json", "The policy init stored, as JSON.")
+    base_fingerprint = _from_snapshot("base_fingerprint", "Layer -> sha256 of the base weights of each edited matrix.")
+    info = _from_snapshot("info", "What init measured and sampled (contexts, prefixes, held-out text, null space).")
 
     @property
     def records(self) -> list[BatchRecord]:
