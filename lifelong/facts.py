@@ -11,6 +11,8 @@ Pure Python on purpose: commands that only read facts must start fast.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import difflib
 import hashlib
 import json
@@ -38,6 +40,12 @@ _BAD_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
 _BAD = object()  # a record that could not be read; counted, never turned into a Fact
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _A_KIND = {str: "a string", list: "an array", dict: "an object"}
+
+
+def fact_key(fact: Mapping) -> tuple[str, str]:
+    """(subject, relation) of a fact (a dict as stored, or a Fact's fields): a later fact with
+    the same key supersedes it. The relation defaults to the prompt template (DESIGN §3)."""
+    return (fact["subject"], fact.get("relation") or fact.get("prompt") or "")
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,8 @@ class Fact:
 
     @property
     def key(self) -> tuple[str, str]:
-        """(subject, relation): a later fact with the same key supersedes this one."""
-        return (self.subject, self.relation)
+        """(subject, relation): a later fact with the same key supersedes this one (`fact_key`)."""
+        return fact_key(vars(self))
 
     def to_dict(self) -> dict:
         """A JSON-safe dict in the native format (plus `line`); `from_dict` reads it back."""

@@ -141,6 +141,15 @@ def make_optimizer(delta: torch.Tensor, policy, h_norm: float | torch.Tensor,
     return torch.optim.Adam([delta], lr=policy.values.lr)
 
 
+def fact_row_nll(tok_logp: torch.Tensor, r_idx: torch.Tensor, n_rows: int, fact_rows) -> torch.Tensor:
+    """Mean NLL over each fact row's target tokens: tok_logp (n_tgt,) the scored target
+    tokens' log-probs, r_idx (n_tgt,) the row of each; -> (len(fact_rows),). Every value loop
+    (reference, fast, batched) sums these its own way: over a group's contexts and facts."""
+    row_nll = torch.zeros(n_rows, device=tok_logp.device).index_add(0, r_idx, -tok_logp)
+    row_len = torch.zeros(n_rows, device=tok_logp.device).index_add(0, r_idx, torch.ones_like(tok_logp))
+    return row_nll[fact_rows] / row_len[fact_rows]
+
+
 class _Abort(Exception):
     """Raised by a first-step check to give up on a loop (the caller falls back)."""
 
@@ -157,7 +166,6 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
     Returns (steps taken, first NLL, last NLL, last min margin). check_first(tok_logp,
     ess_logp) may raise _Abort.
     """
-    device = delta.device
     nll_start, steps, nll_val, margin_val = None, 0, float("nan"), float("nan")
     for step in range(policy.step_budget(len(fact_rows) // n_ctx)):
         tok_logp, ess_logp, margin = forward()
@@ -165,9 +173,7 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
             check_first(tok_logp.detach(), ess_logp.detach())
         if ess_init is None:
             ess_init = ess_logp.detach()
-        row_nll = torch.zeros(n_rows, device=device).index_add(0, r_idx, -tok_logp)
-        row_len = torch.zeros(n_rows, device=device).index_add(0, r_idx, torch.ones_like(tok_logp))
-        nll = (row_nll[fact_rows] / row_len[fact_rows]).sum() / n_ctx
+        nll = fact_row_nll(tok_logp, r_idx, n_rows, fact_rows).sum() / n_ctx
         nll_val = float(nll.detach())
         if nll_start is None:
             nll_start = nll_val

@@ -17,7 +17,7 @@ import time
 import torch
 
 from lifelong.facts import Fact
-from lifelong.edit.values import GroupRows, ValueResult, make_optimizer, reached_stop
+from lifelong.edit.values import GroupRows, ValueResult, fact_row_nll, make_optimizer, reached_stop
 from lifelong.edit.values_fast import (
     _CHECK_TOL,
     _CHECK_TOL_LOW,
@@ -103,9 +103,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed, met
                 return _sequential(model, tok, groups, contexts, layer_module, policy, seed, metric)
         ess_init = ess_all[groups_in_view]                                       # (g, vocab)
         fact_rows = torch.tensor(view.fact_rows, device=device, dtype=torch.long)
-        row_nll = torch.zeros(view.n_rows, device=device).index_add(0, view.r_idx, -tok_logp)
-        row_len = torch.zeros(view.n_rows, device=device).index_add(0, view.r_idx, torch.ones_like(tok_logp))
-        per_row = row_nll[fact_rows] / row_len[fact_rows]
+        per_row = fact_row_nll(tok_logp, view.r_idx, view.n_rows, fact_rows)
         nll = torch.zeros(G, device=device).index_add(0, row_group[fact_rows], per_row) / n_ctx   # (G,)
         group_margin = (torch.full((G,), float("inf"), device=device).scatter_reduce(
             0, row_group[view.r_idx], margin, "amin") if margins

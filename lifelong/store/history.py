@@ -28,6 +28,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from lifelong.errors import BadInput
+from lifelong.facts import fact_key
 
 FactRef = tuple[int, int]   # (batch_id, fact index in that batch)
 GroupRef = tuple[int, int]  # (batch_id, group index in that batch)
@@ -153,12 +154,6 @@ INDEX_FACT_KEYS = ("subject", "relation", "prompt", "target", "target_true")
 def index_facts(facts: list[dict]) -> list[dict]:
     """The facts cut down to INDEX_FACT_KEYS (what the manifest holds)."""
     return [{k: f[k] for k in INDEX_FACT_KEYS if k in f} for f in facts]
-
-
-def fact_key(fact: dict) -> tuple[str, str]:
-    """(subject, relation) of a fact dict; the relation defaults to the prompt template (DESIGN §3)."""
-    relation = fact.get("relation") or fact.get("prompt") or ""
-    return (fact["subject"], relation)
 
 
 def utc_now() -> str:
