@@ -68,8 +68,8 @@ def fresh_store(work: Path, name: str, init_over: dict) -> Path:
 def measure(store: Path, wiki: list[list[int]] | None, base_ppl: dict) -> tuple[dict, list[list[int]]]:
     """Bare strict metrics of every live fact and both perplexity drifts, at head."""
     from lifelong.api import live_facts
-    from lifelong.eval.scoring import neighbor_rows, score_facts, summarize
-    from lifelong.eval.metrics import argmax_tokens, perplexity
+    from lifelong.eval.scoring import base_neighbors, score_facts, summarize
+    from lifelong.eval.metrics import perplexity
     from lifelong.model.session import Session
     from lifelong.store.store import Store
 
@@ -78,37 +78,43 @@ def measure(store: Path, wiki: list[list[int]] | None, base_ppl: dict) -> tuple[
     if wiki is None:
         wiki = wikitext_test_chunks(s.tok, 64)
     facts, origin = live_facts(st)
-    n_rows, _ = neighbor_rows(s.tok, facts)
     with s.weights(s.base()):
-        base_preds = argmax_tokens(s.model, s.tok, n_rows)
+        base_answers = base_neighbors(s.model, s.tok, facts)
         if not base_ppl:
             base_ppl.update(wiki=perplexity(s.model, wiki), sampled=perplexity(s.model, st.info["heldout"]))
-    scores = score_facts(s.model, s.tok, facts, base_preds)
+    scores = score_facts(s.model, s.tok, facts, base_answers)
     summary = summarize(scores)
     first = min(origin)
     b1 = [x.efficacy for x, o in zip(scores, origin) if o == first]
     return {"efficacy": summary["efficacy"], "paraphrase": summary["paraphrase"],
-            "neighbors_unchanged": summary["neighbors_unchanged"], "retention_batch1": sum(b1) / len(b1),
+            "neighbors_unchanged": summary["neighbors_unchanged"],
+            "neighbors_unchanged_sure": summary.get("neighbors_unchanged_sure"), "retention_batch1": sum(b1) / len(b1),
             "drift_wikitext": perplexity(s.model, wiki) / base_ppl["wiki"] - 1,
             "drift_sampled": perplexity(s.model, st.info["heldout"]) / base_ppl["sampled"] - 1}, wiki
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{v:.1%}"
 
 
 def write_table(results: dict, out: Path) -> None:
     lines = ["# Quick quality reads (SmolLM2-135M, CounterFact dev, batches of 50)", "",
              "`python bench/quality_quick.py NAME [--push JSON] [--init JSON]` per row (see the script's",
              "docstring): bare strict metrics of every live fact, WikiText-2 test drift and model-sampled",
-             "drift. Each row is one run; compare rows at equal edits. Overrides are against the",
+             "drift. Each row is one run; compare rows at equal edits. \"Sure\": neighbors unchanged among the",
+             "prompts whose base answer had top-1 probability ≥ 0.5 at every target token (rows before",
+             "2026-12-06: —). Overrides are against the",
              "`smollm2-135m` policy of the time, summed up in the column \"base policy\".", "",
-             "| variant | base policy | overrides | edits | efficacy | paraphrase | neighbors unchanged | retention b1 "
+             "| variant | base policy | overrides | edits | efficacy | paraphrase | neighbors unchanged | of those the base model was sure of | retention b1 "
              "| drift WikiText | drift sampled | steps/group | push s/fact |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         over = json.dumps({**r["push"], **r["init"]}) if (r["push"] or r["init"]) else "—"
         for row in r["rows"]:
             if "efficacy" not in row:
                 continue
             lines.append(f"| {name} | {r.get('base', ADAM_ERA)} | `{over}` | {row['edits']} | {row['efficacy']:.1%} | {row['paraphrase']:.1%} | "
-                         f"{row['neighbors_unchanged']:.1%} | {row['retention_batch1']:.1%} | "
+                         f"{row['neighbors_unchanged']:.1%} | {_pct(row.get('neighbors_unchanged_sure'))} | {row['retention_batch1']:.1%} | "
                          f"{row['drift_wikitext']:+.1%} | {row['drift_sampled']:+.1%} | {row['steps']:.1f} | "
                          f"{row['push_seconds'] / 50:.2f} |")
     lines += ["", f"Device: CPU, {os.cpu_count()} cores; runs may share it, so push seconds compare only roughly."]

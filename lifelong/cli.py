@@ -40,6 +40,12 @@ def _audit(verb: str, store, *args):
     return getattr(audit, verb)(_store_path(store), *args)
 
 
+def describe_budget(b: dict) -> str:
+    from lifelong.eval.budget import describe
+
+    return describe(b)
+
+
 def _log(msg: str) -> None:
     click.echo(msg, err=True)
 
@@ -139,6 +145,8 @@ def _print_push(d):
                f"efficacy {s['efficacy']:.1%}"
                + (f", neighbors unchanged {nb:.1%}" if nb is not None else "")
                + f", {d['timings'].get('total', 0):.1f}s")
+    if d.get("budget") and not d["dry_run"]:
+        click.echo(describe_budget(d["budget"]))
     for w in d["warnings"]:
         click.echo(f"warning: {w}", err=True)
 
@@ -229,6 +237,7 @@ def status(store, as_json):
         click.echo(f"store    {d['store']} (format {d['format_version']}, {d['size_bytes'] / 1e6:.1f} MB)")
         click.echo(f"model    {d['model']} ({d['architecture']}), policy {d['policy']}, layers {d['layers']}")
         click.echo(f"head     {d['head']}; batches {d['batches']} {d['by_status']}; live facts {d['live_facts']}")
+        click.echo(f"budget   {describe_budget(d['budget'])}")
 
     _emit(d, as_json, text)
 
@@ -277,7 +286,10 @@ def eval_(file, prefixes, store, as_json):
 
     def text(d):
         for k, v in d["summary"].items():
-            click.echo(f"{k:22} {v:.4f}" if isinstance(v, float) else f"{k:22} {v}")
+            if k == "budget":
+                click.echo(describe_budget(v))
+            else:
+                click.echo(f"{k:22} {v:.4f}" if isinstance(v, float) else f"{k:22} {v}")
 
     _emit(res, as_json, text)
 

@@ -17,21 +17,33 @@ from lifelong.model.prompts import Row, pad_rows, target_index
 @torch.no_grad()
 def argmax_tokens(model, tok, rows: list[Row], batch: int = 64) -> list[tuple[int, ...]]:
     """Per row, the argmax token at each target position (teacher forced)."""
+    return argmax_with_confidence(model, tok, rows, batch)[0]
+
+
+@torch.no_grad()
+def argmax_with_confidence(model, tok, rows: list[Row], batch: int = 64) -> tuple[list[tuple[int, ...]], list[float]]:
+    """Per row, the argmax token at each target position (teacher forced), and the lowest
+    probability the model gives its own argmax over those positions (how sure it is)."""
     device = next(model.parameters()).device
     lm_head = model.get_output_embeddings()
     out: list[tuple[int, ...]] = []
+    sure: list[float] = []
     for start in range(0, len(rows), batch):
         part = rows[start : start + batch]
         ids, mask = pad_rows(part, tok.pad_token_id, device)
         h = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         r, p, _ = target_index(part, device)
-        pred = lm_head(h[r, p]).argmax(-1).tolist()
+        logits = lm_head(h[r, p])                                                # (n_tgt, vocab)
+        top = logits.argmax(-1)                                                  # (n_tgt,)
+        prob = torch.softmax(logits.float(), dim=-1).gather(-1, top[:, None])[:, 0].tolist()
+        pred = top.tolist()
         i = 0
         for row in part:
             n = len(row.target)
             out.append(tuple(pred[i : i + n]))
+            sure.append(min(prob[i : i + n]))
             i += n
-    return out
+    return out, sure
 
 
 def strict_hits(model, tok, rows: list[Row]) -> list[bool]:

@@ -5,6 +5,8 @@ import json
 
 from lifelong.store import history
 from lifelong.errors import BadInput
+from lifelong.eval.budget import edit_budget
+from lifelong.policy import policy_from_json
 from lifelong.store.store import Store
 
 
@@ -29,7 +31,8 @@ def show(path, batch_id: int) -> dict:
 
 
 def status(path) -> dict:
-    """Where the store is, what model and policy, head, counts, size and format version."""
+    """Where the store is, what model and policy, head, counts, size and format version, and the
+    edit budget: drift measured by the last push and the edits left at the store's slope."""
     store = Store.open(path)
     recs = store.records
     counts: dict[str, int] = {}
@@ -42,6 +45,7 @@ def status(path) -> dict:
         "policy": policy.get("name"), "layers": policy.get("layers"), "head": history.head(recs),
         "batches": len(recs), "by_status": counts, "live_facts": len(history.live_facts(recs)),
         "null_space": store.info.get("layers"), "created": store.created,
+        "budget": edit_budget(recs, policy_from_json(store.policy_json).gates.max_perplexity_drift),
     }
 
 

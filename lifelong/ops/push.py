@@ -2,8 +2,9 @@
 
 One straight line under the writer lock: plan the groups (`store.history`), read what the
 edit needs from the store once (`ops.inputs`), load the model at head, compute the edit
-(`edit`), score the batch (`eval`), and add the batch's record and arrays in one
-transaction, so a failure or a kill leaves the store as it was.
+(`edit`), score the batch and measure the drift on the store's held-out text (`eval`), and
+add the batch's record and arrays in one transaction, so a failure or a kill leaves the
+store as it was. The report carries the edit budget left (`eval.budget`).
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 from lifelong.deltas import fingerprint
 from lifelong.edit.batch import BatchEdit, Group, compute_edit
 from lifelong.edit.values import reached_stop
-from lifelong.eval.metrics import argmax_tokens
-from lifelong.eval.scoring import FactScore, neighbor_rows, score_facts, summarize
+from lifelong.eval.budget import edit_budget
+from lifelong.eval.metrics import perplexity
+from lifelong.eval.scoring import FactScore, base_neighbors, score_facts, summarize
 from lifelong.facts import Fact, load_facts
 from lifelong.model.session import Session, expected_fingerprints, verify
 from lifelong.ops import quiet
@@ -37,11 +39,12 @@ class PushReport:
     timings: dict
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
+    budget: dict | None = None          # eval.budget.edit_budget after this batch
 
     def to_dict(self) -> dict:
         return {
             "batch": self.batch_id, "dry_run": self.dry_run, "summary": self.summary,
-            "timings": self.timings, "warnings": self.warnings, "groups": self.groups,
+            "timings": self.timings, "warnings": self.warnings, "budget": self.budget, "groups": self.groups,
             "supersedes": [[i, list(r)] for i, r in self.supersedes],
             "facts": [{"subject": f.subject, "prompt": f.prompt, "target": f.target, **s.to_dict()}
                       for f, s in zip(self.facts, self.scores)],
@@ -90,9 +93,10 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
     device = next(session.model.parameters()).device
     layer_ctx, bank = inputs.protection(device)
     metric = inputs.metric(device)
-    n_rows, _ = neighbor_rows(session.tok, ff.facts)
+    heldout = store.info.get("heldout") or []
     with session.weights(inputs.base):
-        base_preds = argmax_tokens(session.model, session.tok, n_rows) if n_rows else []
+        base_answers = base_neighbors(session.model, session.tok, ff.facts)
+        ppl_base = perplexity(session.model, heldout) if heldout else None
     timings["load"] = time.perf_counter() - t
 
     log(f"batch {batch_id}: {len(ff.facts)} facts in {len(groups)} groups, "
@@ -105,11 +109,14 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
     session.apply(session.with_edit(edit.factors))
 
     t = time.perf_counter()
-    scores = score_facts(session.model, session.tok, ff.facts, base_preds)
+    scores = score_facts(session.model, session.tok, ff.facts, base_answers)
+    summary = summarize(scores)
+    ppl = perplexity(session.model, heldout) if heldout else None      # the model's health at the new head
+    summary.update(perplexity=ppl, perplexity_base=ppl_base,
+                   perplexity_drift=(ppl / ppl_base - 1) if ppl and ppl_base else None)
     timings["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    summary = summarize(scores)
     record = history.BatchRecord(
         id=batch_id, created=history.utc_now(), source=source, sha256=ff.sha256, status=history.ACTIVE,
         facts=[f.to_dict() for f in ff.facts], groups=[p.to_record(batch_id) for p in plans],
@@ -118,6 +125,7 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
         fingerprint_after={str(l): fingerprint(w) for l, w in session.current().items()},
         policy_digest=policy.digest(),
     )
+    record.metrics["live_facts"] = len(history.live_facts(records + [record]))
     record.metrics["groups"] = [{"nll_start": round(v.nll_start, 4), "nll": round(v.nll, 4), "steps": v.steps,
                                  "realized": round(float(r), 4), **({} if w else {"written": False})}
                                 for v, r, w in zip(edit.values, edit.realized, edit.written)]   # the report's rows add to these
@@ -129,7 +137,8 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
     group_rows = [{**g.to_dict(), **m, "delta_norm": round(float(v.delta.norm()), 3), "h_norm": round(v.h_norm, 3)}
                   for g, m, v in zip(record.groups, record.metrics["groups"], edit.values)]
     return PushReport(batch_id, ff.facts, scores, summary, group_rows, record.supersedes,
-                      record.timings, dry_run, push_warnings(ff.facts, scores, groups, edit, policy))
+                      record.timings, dry_run, push_warnings(ff.facts, scores, groups, edit, policy),
+                      edit_budget(records + [record], policy.gates.max_perplexity_drift))
 
 
 def batch_arrays(edit: BatchEdit) -> dict:

@@ -42,6 +42,7 @@ from lifelong import __version__
 from lifelong.store import history
 from lifelong.ops import quiet
 from lifelong.errors import BadInput, FactFileError, LifelongError, StoreLocked
+from lifelong.eval.budget import edit_budget
 from lifelong.facts import load_facts
 from lifelong.policy import Gates, policy_from_json
 from lifelong.store.atomic import fsync_dir
@@ -364,6 +365,10 @@ class _Run:
                 self.meter = Meter(self.log)
             rep["metrics"], rep["head_before"] = gate_metrics(self.meter, self.store_path, rec)
             rep["gates"] = verdicts(self.gates, rep["metrics"])
+            after = rep["metrics"]["after"]
+            now = (after["live_facts"], after["perplexity_drift"]) if after["perplexity_drift"] is not None else None
+            rep["budget"] = edit_budget(Store.open(self.store_path).records, self.gates.max_perplexity_drift,
+                                        now=now, measured_by=f"refresh gates after batch {rec.id}" if now else None)
         except Exception as e:  # noqa: BLE001 - an unchecked batch must not stay live
             timings["measure"] = round(time.perf_counter() - t, 3)
             rep.update(status=ERROR, error=f"could not check the gates: {_describe(e)}")
@@ -632,7 +637,7 @@ def gate_metrics(meter, store_path, rec: history.BatchRecord) -> tuple[dict, int
     before = {"head": parent, "live_facts": len(live_before), "retention": frac(hb, live_before),
               "retention_kept": kept_before / n if n else None,
               "perplexity": ppl_b, "perplexity_base": meter.ppl_base, "perplexity_drift": drift(ppl_b)}
-    after = {"head": rec.id, "n_facts": len(rec.facts), "efficacy": m.get("efficacy"),
+    after = {"head": rec.id, "n_facts": len(rec.facts), "live_facts": len(live_after), "efficacy": m.get("efficacy"),
              "paraphrase": m.get("paraphrase"), "neighbors_unchanged": m.get("neighbors_unchanged"),
              "neighbors_true": m.get("neighbors_true"),
              "earlier_facts": n, "superseded": len(live_before) - n,
