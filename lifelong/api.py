@@ -15,10 +15,12 @@ from lifelong.ops.audit import log_rows, migrate, show, status
 from lifelong.ops.evaluate import evaluate, live_facts
 from lifelong.ops.export import export
 from lifelong.ops.init import init
+from lifelong.ops.locate import locate
 from lifelong.ops.push import PushReport, push
 from lifelong.ops.refresh import RefreshReport, refresh
 from lifelong.ops.rollback import rollback
 from lifelong.store.location import DEFAULT_STORE, store_path
 
 __all__ = ["init", "push", "PushReport", "rollback", "export", "evaluate", "live_facts", "complete",
-           "refresh", "RefreshReport", "log_rows", "show", "status", "migrate", "store_path", "DEFAULT_STORE"]
+           "refresh", "RefreshReport", "locate", "log_rows", "show", "status", "migrate", "store_path",
+           "DEFAULT_STORE"]

@@ -339,5 +339,68 @@ def refresh(inbox, gates, no_wait, store, as_json):
     sys.exit(rep.exit_code)
 
 
+def _layer_list(_ctx, _param, value):
+    """'3,4,5' -> [3, 4, 5] (a click callback: a bad list is a usage error, exit 2)."""
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give layer numbers separated by commas, e.g. 3,4,5,6,7") from None
+
+
+def _print_locate(d):
+    sug, compare = d["suggested_layers"], d["compare"]
+    click.echo(f"{'layer':>5}  {'hidden':>8}  {'mlp(w=' + str(d['window']) + ')':>9}")
+    for row in d["layers"]:
+        mark = "  suggested" if row["layer"] in sug else ""
+        click.echo(f"{row['layer']:>5}  {row['hidden']:>8.4f}  {row['mlp']:>9.4f}{mark}")
+    click.echo(f"indirect effect at the last subject token, mean of {d['traced']} known facts "
+               f"(checked {d['checked']} of {d['in_file']}); p(answer) clean {d['p_clean']:.3f}, "
+               f"corrupted {d['p_corrupted']:.3f}; {d['seconds']:.0f}s")
+    click.echo(f"suggested edit layers: {','.join(map(str, sug))} "
+               f"({d['edit_layers']} consecutive with the largest MLP effect)")
+    if compare:
+        ranks = ", ".join(f"{layer}: #{r}" for layer, r in compare["ranks"].items())
+        run = f"run rank {compare['run_rank']} of {compare['runs']}, " if compare["run_rank"] else ""
+        click.echo(f"layers {','.join(map(str, compare['layers']))}: MLP effect sum {compare['sum']:.4f} "
+                   f"(best {compare['best_sum']:.4f} at {','.join(map(str, compare['best_run']))}); "
+                   f"{run}per-layer rank of {d['n_layers']}: {ranks}")
+    if d["report"]:
+        click.echo(f"report {d['report']}, heatmap {d['heatmap']}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="built-in name, a transformers directory or a .gguf file")
+@click.option("--facts", "facts", required=True, type=click.Path(dir_okay=False),
+              help="facts to trace: ROME's known-facts JSON (an array of {\"prompt\": \"Vinson Massif is "
+                   "located in the continent of\", \"subject\": \"Vinson Massif\", \"attribute\": "
+                   "\"Antarctica\"}, as its known_1000.json) or a lifelong fact file (answer: target)")
+@click.option("--n", "n", type=int, default=50, show_default=True,
+              help="trace the first N facts the model knows (its top prediction is the answer)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="write the report to OUT.md and the heatmap to OUT.png [default: print only]")
+@click.option("--window", type=int, default=10, show_default=True, help="layers per restored MLP window")
+@click.option("--samples", type=int, default=10, show_default=True, help="noise samples averaged per fact")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the noise")
+@click.option("--grid-facts", type=int, default=5, show_default=True,
+              help="facts traced at every position (the heatmap); the rest only at the last subject token")
+@click.option("--edit-layers", type=int, default=5, show_default=True,
+              help="how many consecutive layers to suggest")
+@click.option("--compare-layers", callback=_layer_list, default=None, metavar="L1,L2,...",
+              help="say where these layers rank, e.g. a policy's 3,4,5,6,7")
+@json_option
+def locate(model, facts, n, out, window, samples, seed, grid_facts, edit_layers, compare_layers, as_json):
+    """Causal tracing (ROME): which layers recall the facts a model knows, and which MLP
+    layers to edit. Needs no store.
+
+    Example: lifelong locate --model smollm2-135m --facts known_1000.json --n 50 --out reports/locate
+    """
+    res = _api().locate(model, facts, n=n, out=out, window=window, samples=samples, seed=seed,
+                        edit_layers=edit_layers, compare_layers=compare_layers, grid_facts=grid_facts, log=_log)
+    _emit(res, as_json, _print_locate)
+
+
 if __name__ == "__main__":
     main()
