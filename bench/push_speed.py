@@ -52,6 +52,7 @@ def run_edit(session: Session, facts, optimizer, policy, store) -> tuple[float, 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="a built-in model; its shipped policy is used")
     ap.add_argument("--facts", type=int, default=10)
     ap.add_argument("--skip", type=int, default=200, help="first dev line to use")
     ap.add_argument("--corpus-tokens", type=int, default=100_000)
@@ -65,14 +66,14 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="lifelong-speed-"))
-    res: dict = {"facts": args.facts, "threads": torch.get_num_threads()}
+    res: dict = {"model": args.model, "facts": args.facts, "threads": torch.get_num_threads()}
 
     # init: preserved statistics over corpus text (timed per 10k tokens)
     from lifelong.policy import find_policy, load_policy
 
     overrides = {k: v for k, v in (("prefix_tokens", args.prefix_tokens), ("n_prefixes", args.n_prefixes))
                  if v is not None}
-    pol = load_policy(find_policy("smollm2-135m")).with_overrides(corpus_tokens=args.corpus_tokens, **overrides)
+    pol = load_policy(find_policy(args.model)).with_overrides(corpus_tokens=args.corpus_tokens, **overrides)
     res["contexts"] = {"n_prefixes": pol.contexts.n_prefixes, "prefix_tokens": pol.contexts.prefix_tokens}
     pol_file = tmp / "policy.json"
     pol_file.write_text(pol.model_dump_json())
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
     yaml_file.write_text(yaml.safe_dump(pol.file_data(), sort_keys=False))
     corpus = plain_wikitext(tmp / "corpus.txt", lines=20_000)
     t = time.perf_counter()
-    api.init(tmp / "s.h5", model="smollm2-135m", policy=str(yaml_file), corpus=str(corpus), log=lambda m: None)
+    api.init(tmp / "s.h5", model=args.model, policy=str(yaml_file), corpus=str(corpus), log=lambda m: None)
     res["init_seconds"] = time.perf_counter() - t
     store = Store.open(tmp / "s.h5")
     res["init_corpus_tokens"] = store.info["corpus_tokens"]
@@ -126,7 +127,7 @@ def write_report(out: Path, res: dict, argv) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     p = res["passes_per_group_forward"]
     lines = [
-        "# Push speed on SmolLM2-135M (this CPU)",
+        f"# Push speed on {res.get('model', 'smollm2-135m')} (this CPU)",
         "",
         f"`python bench/push_speed.py {' '.join(argv)}` — {res['facts']} CounterFact dev facts, one batch, "
         f"torch threads {res['threads']}, same seeds and steps for both loops, contexts: the bare prompt and "

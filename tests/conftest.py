@@ -98,6 +98,25 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
     return _save(GPT2LMHeadModel(cfg).eval(), tiny_tokenizer, tmp_path_factory.mktemp("gpt2"))
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory, tiny_tokenizer):
+    """Gemma 3's structure in small: sandwich norms (the MLP's output normed before the
+    stream), q/k norms, GeLU-tanh gate, scaled embeddings, two rotary tables and
+    sliding-window layers beside full ones."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tiny_tokenizer), hidden_size=48, intermediate_size=96,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                           max_position_embeddings=512, sliding_window=256,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                        "sliding_attention"],
+                           tie_word_embeddings=True, pad_token_id=tiny_tokenizer.pad_token_id,
+                           eos_token_id=tiny_tokenizer.eos_token_id, bos_token_id=None)
+    return _save(Gemma3ForCausalLM(cfg).eval(), tiny_tokenizer, tmp_path_factory.mktemp("gemma"))
+
+
 TINY_POLICY = """\
 name: tiny-{arch}
 model: tiny random {arch} built in tests
@@ -122,7 +141,7 @@ preserved:
 
 
 def write_policy(tmp_path: Path, arch: str, threshold: float = 0.05) -> Path:
-    template = "model.layers.{}.mlp.down_proj" if arch == "llama" else "transformer.h.{}.mlp.c_proj"
+    template = "transformer.h.{}.mlp.c_proj" if arch == "gpt2" else "model.layers.{}.mlp.down_proj"
     p = tmp_path / f"tiny-{arch}.yaml"
     p.write_text(TINY_POLICY.format(arch=arch, template=template, threshold=threshold))
     return p

@@ -22,7 +22,8 @@ GROUPS = [
     Group("Toko Yasuda", [Fact("Toko Yasuda", "{} plays the", "violin", "plays")]),
 ]
 CONTEXTS = ["{}", "Because the river. {}", "I think the piano is loud. {}"]
-TEMPLATES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}.mlp.c_proj"}
+TEMPLATES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}.mlp.c_proj",
+             "gemma": "model.layers.{}.mlp.down_proj"}
 LAYERS = [0, 1, 2]
 
 
@@ -52,10 +53,10 @@ def test_a_merged_group_writes_one_unit_per_fact():
     assert keys.write_units(GROUPS).tolist() == [0, 0, 1, 2]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
 @pytest.mark.parametrize("recognised", [True, False], ids=["partial-passes", "whole-passes"])
-def test_keys_follow_each_layer_update(arch, recognised, tiny_llama_dir, tiny_gpt2_dir, monkeypatch):
-    path = tiny_llama_dir if arch == "llama" else tiny_gpt2_dir
+def test_keys_follow_each_layer_update(arch, recognised, tiny_llama_dir, tiny_gpt2_dir, tiny_gemma_dir, monkeypatch):
+    path = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir, "gemma": tiny_gemma_dir}[arch]
     model = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path)
     template = TEMPLATES[arch]
@@ -125,3 +126,26 @@ def test_a_fork_keeps_the_start_and_follows_updates_of_its_own(arch, tiny_llama_
         k, out = whole_passes(model, tok, template, later)
         torch.testing.assert_close(twin.keys[later], k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(twin.out, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_one_edited_layer_caches_its_input_and_follows_its_update(arch, tiny_llama_dir, tiny_gemma_dir):
+    """With a single edited layer, L is also the layer whose input the passes cache."""
+    path = tiny_llama_dir if arch == "llama" else tiny_gemma_dir
+    model = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(path)
+    template = TEMPLATES[arch]
+    current = BatchKeys(model, tok, GROUPS, CONTEXTS, template, [1])
+    assert current.cached == 1
+    module = get_module(model, module_name(template, 1))
+    w = read_matrix(module)
+    write_matrix(module, w + 0.3 * w.abs().mean() * torch.ones_like(w))
+    before = current.out.clone()
+    current.after_update(1)
+    assert not torch.allclose(current.out, before, atol=1e-3)
+    got = {}
+    row = make_row(tok, CONTEXTS[0], GROUPS[0].facts[0].prompt, GROUPS[0].facts[0].subject, None)
+    with hooks(model, {layer_name(template, 1): ("post", lambda _m, _a, o: got.update(
+            h=(o[0] if isinstance(o, tuple) else o)[0, row.subject_pos]))}), torch.no_grad():
+        model(input_ids=torch.tensor([row.ids]))
+    torch.testing.assert_close(current.out[0], got["h"], rtol=1e-5, atol=1e-5)

@@ -202,3 +202,38 @@ def test_alignment_term_is_inert_at_zero_residual_and_does_not_freeze_adam():
         loss.backward()
         opt.step()
     assert float((delta.detach() - target).norm()) < 0.2 * float(target.norm())
+
+
+def test_through_norm_writes_the_residual_a_post_norm_passes_on():
+    """Gemma 3 norms the MLP's output before the stream: the δ found for the matrix's output
+    gives the stream the residual asked for, also where some channels' gains are near zero."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from lifelong.edit.output_space import through_norm
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 24, 5
+    norm = Gemma3RMSNorm(d, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g) * 2)
+        norm.weight[:3] = -1.0                                   # gain 1 + w = 0: unwritable channels
+    y = torch.randn(n, d, generator=g) * 7
+    wanted = torch.randn(n, d, generator=g) * 0.3
+    with torch.no_grad():
+        R = norm(y + wanted) - norm(y)                           # a residual the norm can give
+        got = norm(y + through_norm(norm, y, R)) - norm(y)
+        naive = norm(y + R) - norm(y)                            # writing R as it is
+    assert float((got - R).norm() / R.norm()) < 1e-2
+    assert float((naive - R).norm() / R.norm()) > 0.5
+
+
+def test_output_norm_is_found_only_where_the_mlp_output_is_normed(tiny_gemma_dir, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lifelong.model.decoder import output_norm
+
+    gemma = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir)
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert output_norm(gemma, "model.layers.1.mlp.down_proj") is gemma.model.layers[1].post_feedforward_layernorm
+    assert output_norm(gemma, "model.layers.1.self_attn.o_proj") is None
+    assert output_norm(llama, "model.layers.1.mlp.down_proj") is None

@@ -1,5 +1,5 @@
 """`export --format peft`: the cumulative edit as a LoRA adapter that plain PEFT loads over the
-plain base model and that gives the merged export's logits (tiny Llama and GPT-2 / Conv1D)."""
+plain base model and that gives the merged export's logits (tiny Llama, GPT-2 / Conv1D, Gemma 3)."""
 from __future__ import annotations
 
 import json
@@ -40,11 +40,11 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def pushed(request, tmp_path_factory, tiny_llama_dir, tiny_gpt2_dir):
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma"])
+def pushed(request, tmp_path_factory, tiny_llama_dir, tiny_gpt2_dir, tiny_gemma_dir):
     """(arch, model dir, store) with batches 1 and 2 pushed; tests only read it."""
     arch = request.param
-    model_dir = tiny_llama_dir if arch == "llama" else tiny_gpt2_dir
+    model_dir = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir, "gemma": tiny_gemma_dir}[arch]
     tmp = tmp_path_factory.mktemp(f"peft-{arch}")
     path = tmp / "store.h5"
     api.init(path, model=str(model_dir), policy=str(write_policy(tmp, arch, threshold=0.05)))

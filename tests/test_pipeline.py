@@ -1,4 +1,4 @@
-"""End to end on tiny Llama-like and GPT-2-like models: init, push, rollback, export."""
+"""End to end on tiny Llama-like, GPT-2-like and Gemma-3-like models: init, push, rollback, export."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,9 +37,9 @@ def export_tensors(store, out: Path, at=None) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
 
-@pytest.fixture(params=["llama", "gpt2"])
-def tiny_store(request, tmp_path, tiny_llama_dir, tiny_gpt2_dir, tiny_policy_factory):
-    model_dir = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
+@pytest.fixture(params=["llama", "gpt2", "gemma"])
+def tiny_store(request, tmp_path, tiny_llama_dir, tiny_gpt2_dir, tiny_gemma_dir, tiny_policy_factory):
+    model_dir = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir, "gemma": tiny_gemma_dir}[request.param]
     path = tmp_path / "store.h5"
     api.init(path, model=str(model_dir), policy=str(tiny_policy_factory(request.param, threshold=0.05)))
     return path
@@ -267,11 +267,15 @@ def test_groups_without_room_are_left_unwritten_and_held(tiny_store, tmp_path):
     assert all(torch.equal(base[k], again[k]) for k in base)
 
 
-def test_rescale_spreads_each_value_by_what_the_first_pass_missed(tiny_store, tmp_path):
+def test_rescale_spreads_each_value_by_what_the_first_pass_missed(tiny_store, tmp_path, request):
     """rescale_max: the batch is spread again with each δ divided by the share the first
     pass wrote, so groups written partly get closer to all of their δ; the values are the
-    same and the factors are the second spreading's alone (rank n)."""
+    same and the factors are the second spreading's alone (rank n). Not on a model that
+    norms the MLP's output (Gemma 3): a larger target there lands no further along δ."""
     from lifelong.policy import policy_from_json
+
+    if request.node.callspec.params["tiny_store"] == "gemma":
+        pytest.skip("a post-MLP norm saturates: rescaling is not monotone there")
 
     other = copy_store(tiny_store, tmp_path / "copy")
     f1 = write_jsonl(tmp_path / "b1.jsonl", FACTS_1 + FACTS_2)

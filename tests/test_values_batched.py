@@ -20,14 +20,14 @@ GROUPS = [
 CONTEXTS = ["{}", "Because the river. {}"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
 @pytest.mark.parametrize("early_stop", [0.0, 0.97])
-def test_joint_equals_one_by_one(arch, early_stop, tiny_llama_dir, tiny_gpt2_dir, caplog):
-    path = tiny_llama_dir if arch == "llama" else tiny_gpt2_dir
+def test_joint_equals_one_by_one(arch, early_stop, tiny_llama_dir, tiny_gpt2_dir, tiny_gemma_dir, caplog):
+    path = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir, "gemma": tiny_gemma_dir}[arch]
     model = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path)
-    template = "model.layers.{}.mlp.down_proj" if arch == "llama" else "transformer.h.{}.mlp.c_proj"
-    layer = "model.layers.1" if arch == "llama" else "transformer.h.1"
+    template = "transformer.h.{}.mlp.c_proj" if arch == "gpt2" else "model.layers.{}.mlp.down_proj"
+    layer = "transformer.h.1" if arch == "gpt2" else "model.layers.1"
     policy = Policy(name="t", model="t", source="t", module_template=template, layers=[0, 1], steps=8,
                     lr=0.5, clamp_norm_factor=3.0, weight_decay=0.1, early_stop_loss=0.0, align=False)
     if early_stop:  # stop when a group's NLL falls to `early_stop` × the lowest starting NLL

@@ -24,8 +24,9 @@ SAME_SUBJECT = [
 # subject at position 0 and its last token the prompt's last token; essence row too
 EDGE = [Fact("Apple", "{}", "piano", "edge")]
 
-TEMPLATES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}.mlp.c_proj"}
-LAYER = {"llama": "model.layers.1", "gpt2": "transformer.h.1"}
+TEMPLATES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}.mlp.c_proj",
+             "gemma": "model.layers.{}.mlp.down_proj"}
+LAYER = {"llama": "model.layers.1", "gpt2": "transformer.h.1", "gemma": "model.layers.1"}
 
 
 def policy(arch: str, **kw) -> Policy:
@@ -36,9 +37,9 @@ def policy(arch: str, **kw) -> Policy:
     return Policy(**base)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def tiny(request, tiny_llama_dir, tiny_gpt2_dir):
-    path = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma"])
+def tiny(request, tiny_llama_dir, tiny_gpt2_dir, tiny_gemma_dir):
+    path = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir, "gemma": tiny_gemma_dir}[request.param]
     model, tok = load_model(resolve_model(str(path)), device="cpu", log=lambda m: None)
     return request.param, model, tok
 
@@ -58,7 +59,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fast_delta_matches_straightforward(tiny, facts, caplog):
     arch = tiny[0]
     pol = policy(arch).with_overrides(early_stop_loss=0.0)
-    with caplog.at_level(logging.WARNING, logger="lifelong.values_fast"):
+    with caplog.at_level(logging.WARNING, logger="lifelong.edit.values_fast"):
         slow, fast = both(tiny, facts, CONTEXTS, pol)
     assert not caplog.records, "the fast path fell back"
     assert slow.steps == fast.steps == 8
@@ -131,7 +132,7 @@ def test_unrecognised_structure_falls_back(tiny, caplog):
     pol = policy(arch, steps=2)
     # a decoder layer's MLP output module is not a decoder layer: the fast path declines
     name = TEMPLATES[arch].format(1)
-    with caplog.at_level(logging.WARNING, logger="lifelong.values_fast"):
+    with caplog.at_level(logging.WARNING, logger="lifelong.edit.values_fast"):
         res = optimize_value_fast(model, tok, ONE, CONTEXTS, name, pol, None)
     assert any("straightforward" in r.getMessage() for r in caplog.records)
     assert res.steps == 2

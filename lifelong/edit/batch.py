@@ -20,6 +20,8 @@ from lifelong.edit.solve import memit_update, projected_update
 from lifelong.edit.values import ValueResult, reached_stop
 from lifelong.edit.values_batched import optimize_values_batched
 from lifelong.edit.values_fast import optimize_value_fast
+from lifelong.edit.output_space import through_norm
+from lifelong.model.decoder import output_norm
 from lifelong.model.weights import check_finite, get_module, read_matrix, write_matrix
 from lifelong.deltas import materialize
 from lifelong.policy import module_name
@@ -108,11 +110,12 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     # start when its shares ask for it.
     t = time.perf_counter()
     modules = {l: get_module(model, module_name(policy.module_template, l)) for l in layers}
+    norms = {l: output_norm(model, module_name(policy.module_template, l)) for l in layers}
     probe = policy.update.min_realized > 0 or policy.update.rescale_max > 1
     start = {l: read_matrix(m) for l, m in modules.items()} if probe else None
     keys_at_start = current.fork() if probe else None
     parts, keys, realized = _spread(current, z, h_start, du, None, range(1 if probe else policy.experiment.sweeps),
-                                    policy, layer_ctx, modules, log, "first pass: " if probe else "")
+                                    policy, layer_ctx, modules, norms, log, "first pass: " if probe else "")
     written = realized >= policy.update.min_realized if policy.update.min_realized > 0 else torch.ones_like(realized, dtype=torch.bool)
     if probe and (policy.update.rescale_max > 1 or not written.all()):
         unit_facts = [f for g in groups for f in g.facts]                # the units, in order
@@ -127,10 +130,10 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
         current = keys_at_start
         z = h_start + du * (1 / realized.clamp(min=1e-6)).clamp(min=1.0, max=policy.update.rescale_max)[:, None]
         parts, keys, realized = _spread(current, z, h_start, du, written, range(policy.experiment.sweeps),
-                                        policy, layer_ctx, modules, log, "spread again: ")
+                                        policy, layer_ctx, modules, norms, log, "spread again: ")
     elif probe and policy.experiment.sweeps > 1:                                     # the probe was sweep 1
         parts, keys, realized = _spread(current, z, h_start, du, None, range(1, policy.experiment.sweeps),
-                                        policy, layer_ctx, modules, log, "", parts)
+                                        policy, layer_ctx, modules, norms, log, "", parts)
     factors = {l: (torch.cat([a for a, _ in ps], 1), torch.cat([b for _, b in ps], 0)) for l, ps in parts.items()}
     timings["update"] = time.perf_counter() - t
     n = len(groups)
@@ -139,12 +142,13 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
                      written=group_mean(written.float()[:, None], ug, n)[:, 0] > 0)   # any of its facts
 
 
-def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, layer_ctx, modules, log,
+def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, layer_ctx, modules, norms, log,
             label: str, parts=None):
     """Passes (`sweeps`, numbered from 0) over the edited layers toward targets z at L, each
     spreading what is still missing (MEMIT: the i-th of the remaining layers takes 1/(remaining)
     of it), per write unit; units not `written` get residual 0, which holds their keys' outputs
-    in place.
+    in place. Where a norm sits between a layer's matrix and the stream (`norms[l]`, Gemma 3)
+    the residual is carried through it into the matrix's output space (`through_norm`).
     Returns each layer's factors of every pass (appended to `parts`), the last pass's keys
     and the realized shares of δ after it."""
     layers = list(policy.layers)
@@ -157,6 +161,11 @@ def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, lay
                 current.after_update(updated)
             K, cur = current.keys[layer], current.out
             R = (z - cur).t() / (len(layers) - i)                         # (d_model, n)
+            if norms[layer] is not None:
+                y = K @ read_matrix(modules[layer]).t()                   # (n, d_out) the matrix's outputs
+                bias = getattr(modules[layer], "bias", None)
+                y = y + bias.detach().float() if bias is not None else y
+                R = through_norm(norms[layer], y, R.t()).t()              # (d_out, n)
             if written is not None:
                 R = R * written.to(R.dtype)[None, :]
             ctx = layer_ctx[layer]

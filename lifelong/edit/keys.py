@@ -82,7 +82,9 @@ class BatchKeys:
                                     torch.tensor(owner[start : start + batch]),
                                     torch.tensor(is_bare[start : start + batch])))
         arch = recognise(model, layer_name(template, self.layers[-1]))
-        self.arch = None if isinstance(arch, str) else arch
+        longest = max((p.ids.shape[1] for p in self.parts), default=0)
+        # a sliding window shorter than a row attends differently from the one mask the cached passes use
+        self.arch = None if isinstance(arch, str) or (arch.window is not None and longest > arch.window) else arch
         self.cached: int | None = None     # decoder layer whose input the parts hold
         self.keys: dict[int, torch.Tensor] = {}
         self.out = torch.empty(0)
@@ -124,7 +126,9 @@ class BatchKeys:
                 if keep is not None:
                     spec[layer_name(self.template, keep)] = ("pre", lambda _m, args: got.update(inputs=args[0]))
 
-                def post(_m, _a, output):
+                def post(_m, args, output):
+                    if keep == L:      # one edited layer: its input is cached here (one hook per module)
+                        got["inputs"] = args[0]
                     got["h"] = _hidden(output)
                     raise _Stop
 

@@ -242,6 +242,8 @@ class _FastForward:
         self.arch = arch
         self.lm_head = model.get_output_embeddings()
         ids, mask = pad_rows(g.rows, pad_id, device)
+        if arch.window is not None and ids.shape[1] > arch.window:
+            raise _Unsupported(f"rows of {ids.shape[1]} tokens, longer than the sliding window ({arch.window})")
         n, L, n_layers = ids.shape[0], arch.L, len(arch.layers)
         self.n_rows = n
         self.table = torch.arange(n, device=device)   # the view's rows, as rows of the tables below
@@ -329,7 +331,7 @@ class _FastForward:
         h = lay.pack(self.hL, t, s)
         position_ids = lay.positions(s)
         scored = lay.first[torch.cat([self.r_idx, self.ess_rows])] + torch.cat([self.p_rel, self.ess_rel])
-        pe = self.arch.rotary(h, position_ids) if self.arch.kind == "rope" else None
+        pe = self.arch.rope(h, position_ids) if self.arch.kind == "rope" else None
         self.packed = _Packed(h, lay.first, scored, position_ids, pe, self.arch.mask(lay.allowed, h.dtype),
                               lay.prefix(self.kv, t))
 

@@ -60,20 +60,33 @@ def read_corpus(path: str | Path) -> list[str]:
     return texts
 
 
+def opening_tokens(tok) -> list[int]:
+    """The special tokens the tokenizer puts before a text (Gemma's <bos>; none for SmolLM2)."""
+    bare = tok("x", add_special_tokens=False)["input_ids"]
+    full = tok("x", add_special_tokens=True)["input_ids"]
+    at = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), 0)
+    return list(full[:at])
+
+
 def chunk_tokens(tok, texts: list[str], n_tokens: int, seq_len: int = 128) -> list[list[int]]:
-    """Token sequences of at most seq_len, n_tokens in all (fewer if the corpus is short)."""
+    """Token sequences of at most seq_len, n_tokens in all (fewer if the corpus is short),
+    each opened as the tokenizer opens a text: a model trained always to see <bos> first
+    (Gemma) reads a sequence without it as nothing it knows."""
+    head = opening_tokens(tok)
+    body = seq_len - len(head)
     seqs, total, buf = [], 0, []
     for text in texts:
         buf.extend(tok(text + "\n", add_special_tokens=False)["input_ids"])
-        while len(buf) >= seq_len and total < n_tokens:
+        while len(buf) >= body and total < n_tokens:
             take = min(seq_len, n_tokens - total)
-            seqs.append(buf[:take])
+            seqs.append(head + buf[: take - len(head)])
             total += take
-            buf = buf[seq_len:]
+            buf = buf[body:]
         if total >= n_tokens:
             break
-    if total < n_tokens and len(buf) > 1:
-        seqs.append(buf[: n_tokens - total])
+    rest = n_tokens - total - len(head)
+    if rest > 0 and len(buf) > 1:
+        seqs.append(head + buf[:rest])
     return seqs
 
 

@@ -2,7 +2,9 @@
 
 Llama-like (rotary) and GPT-2-like (learned positions) decoders are recognised from the
 loaded transformers module; anything else gets a reason string, and the callers fall back
-to the model's own forward.
+to the model's own forward. Gemma 3 is Llama-like with two rotary tables (one per layer
+type) and sliding-window layers; its rows (a few dozen tokens) are far shorter than the
+window, where a sliding layer attends exactly as a full one, so one mask serves every layer.
 """
 from __future__ import annotations
 
@@ -12,6 +14,11 @@ import torch
 
 from lifelong.model.hf_cache import cache_kwarg
 from lifelong.model.hooks import _hidden
+
+
+# the longest row the value and key passes run (context prefix + prompt + target); a
+# sliding window at least this long attends exactly like full attention
+MAX_ROW_TOKENS = 256
 
 
 @dataclass
@@ -24,6 +31,17 @@ class Decoder:
     rotary: torch.nn.Module | None   # rotary embedding module (rope only)
     L: int                           # index of the layer whose output gets δ
     sdpa: bool = True                # attention implementation: sdpa (else eager)
+    layer_types: list[str] | None = None  # per layer, the rotary table it takes (Gemma 3); None: one table
+    window: int | None = None        # the shortest sliding window: rows must not be longer
+
+    def rope(self, h: torch.Tensor, position_ids: torch.Tensor):
+        """The rotary (cos, sin) at position_ids: one pair, or one per layer type."""
+        if self.layer_types is None:
+            return self.rotary(h, position_ids)
+        return {t: self.rotary(h, position_ids, t) for t in sorted(set(self.layer_types))}
+
+    def _pe(self, pe, i: int):
+        return pe[self.layer_types[i]] if self.layer_types is not None else pe
 
     def mask(self, allowed: torch.Tensor, dtype) -> torch.Tensor:
         """An attention mask (n, 1, q, k) as the implementation takes it, from where attending is allowed."""
@@ -36,11 +54,11 @@ class Decoder:
         """Decoder layers lo … hi-1 on h (n, T, d); pe: rotary (cos, sin) at position_ids,
         computed here if None; kv: a cache holding keys/values before these positions."""
         if self.kind == "rope" and pe is None:
-            pe = self.rotary(h, position_ids)
+            pe = self.rope(h, position_ids)
         for i in range(lo, hi):
             if self.kind == "rope":
                 h = self.layers[i](h, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                                   position_embeddings=pe, **{cache_kwarg(self.layers[i]): kv})
+                                   position_embeddings=self._pe(pe, i), **{cache_kwarg(self.layers[i]): kv})
             else:
                 h = self.layers[i](h, attention_mask=mask, use_cache=False, **{cache_kwarg(self.layers[i]): kv})
             h = _hidden(h)
@@ -67,9 +85,20 @@ def recognise(model, layer_module: str) -> Decoder | str:
     if impl not in ("eager", "sdpa"):
         return f"attention implementation {impl!r}"
     arch.sdpa = impl == "sdpa"
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
+        return "logit soft-capping"
     types = getattr(cfg, "layer_types", None)
-    if types is not None and any(t != "full_attention" for t in types):
-        return "layers other than full attention"
+    if types is not None and any(t not in ("full_attention", "sliding_attention") for t in types):
+        return f"layer types {sorted(set(types))}"
+    if types is not None and "sliding_attention" in types:
+        arch.window = getattr(cfg, "sliding_window", None)
+        if not arch.window or arch.window < MAX_ROW_TOKENS:
+            return f"a sliding window of {arch.window} tokens, shorter than the rows ({MAX_ROW_TOKENS})"
+    if types is not None and arch.kind == "rope":
+        import inspect
+
+        if "layer_type" in inspect.signature(arch.rotary.forward).parameters:
+            arch.layer_types = list(types)
     try:
         target = model.get_submodule(layer_module)
     except AttributeError:
@@ -83,3 +112,20 @@ def recognise(model, layer_module: str) -> Decoder | str:
     if arch.L < 0:
         return f"{layer_module!r} is not one of the decoder layers"
     return arch
+
+
+# the norm some decoders (Gemma 2/3, OLMo 2) apply to the MLP's output before adding it to the stream
+_POST_MLP_NORMS = ("post_feedforward_layernorm",)
+
+
+def output_norm(model, module_name: str) -> torch.nn.Module | None:
+    """The norm between the edited module's output and the residual stream, or None where
+    the output is added as it is (Llama, GPT-2). Only a module inside the layer's MLP whose
+    output is the MLP's output (the down projection) is handled; Gemma 3 norms it."""
+    parts = module_name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        layer = model.get_submodule(".".join(parts[:cut]))
+        norm = next((getattr(layer, n) for n in _POST_MLP_NORMS if hasattr(layer, n)), None)
+        if norm is not None and parts[cut] == "mlp":
+            return norm
+    return None

