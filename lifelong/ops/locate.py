@@ -20,7 +20,7 @@ import numpy as np
 from lifelong.errors import BadInput, FactFileError
 from lifelong.eval import tracing
 from lifelong.eval.tracing import TraceFact
-from lifelong.facts import parse_facts
+from lifelong.facts import _kind, parse_facts
 from lifelong.model.loading import load_model, resolve_model
 from lifelong.ops import quiet
 
@@ -103,14 +103,6 @@ def _json_records(data: bytes, name: str, problems: list[str]) -> list[tuple[int
             except (json.JSONDecodeError, RecursionError) as e:
                 problems.append(f"{name}:{line}: line: bad JSON: {getattr(e, 'msg', e)}")
     return out
-
-
-def _kind(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    return {str: "string", list: "array", dict: "object", int: "number", float: "number"}.get(type(value), "value")
 
 
 def _known(value, name: str, line: int, problems: list[str]):
