@@ -86,7 +86,7 @@ def test_adapter_matches_merged_export(pushed, tmp_path, tiny_tokenizer):
     meta = json.loads((out / "lifelong_export.json").read_text())
     assert meta["head"] == 2 and meta["active_batches"] == [1, 2] and meta["format"] == "peft"
     assert meta["base_model"] == str(model_dir.resolve())
-    template = "model.layers.{}.mlp.down_proj" if arch == "llama" else "transformer.h.{}.mlp.c_proj"
+    template = "transformer.h.{}.mlp.c_proj" if arch == "gpt2" else "model.layers.{}.mlp.down_proj"
     modules = {template.format(l) for l in (0, 1)}
     assert {v["module"] for v in meta["layers"].values()} == modules
     # the ranks of the batches add up: groups 2 (France, Brazil) + 1 (Apple); a direction

@@ -46,7 +46,12 @@ def through_norm(norm: torch.nn.Module, y: torch.Tensor, R: torch.Tensor, steps:
         JtJ = J.transpose(1, 2) @ J                                            # (n, d, d)
         mu = damping * JtJ.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)  # (n,)
         eye = torch.eye(y.shape[1], dtype=torch.float64)
-        step = torch.linalg.solve(JtJ + mu[:, None, None] * eye, (J.transpose(1, 2) @ miss[..., None]))[..., 0]
+        # a row whose Jacobian or miss is not finite (an output of zeros) moves no further
+        ok = torch.isfinite(J).all(-1).all(-1) & torch.isfinite(miss).all(-1)
+        step = torch.zeros_like(delta)
+        if ok.any():
+            A = JtJ[ok] + mu[ok, None, None] * eye
+            step[ok] = torch.linalg.lstsq(A, J[ok].transpose(1, 2) @ miss[ok, :, None]).solution[..., 0]
         delta = delta + step
         cap = trust * y.double().norm(dim=-1, keepdim=True)
         delta = delta * (cap / delta.norm(dim=-1, keepdim=True).clamp(min=1e-30)).clamp(max=1.0)
