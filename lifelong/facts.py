@@ -193,6 +193,13 @@ class _JSONValueError(ValueError):
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
 
 
+def json_records(data: bytes, name: str, problems: list[str]) -> list[tuple[int, object]]:
+    """(line, value) of each readable record of a JSON-array or JSONL file, read by the rules
+    of fact files (BOM, duplicate keys, depth, line numbers); what cannot be read is reported
+    in problems and left out. For other record formats (`lifelong locate`'s known facts)."""
+    return [(line, v) for line, v in _records(data, name, problems) if v is not _BAD]
+
+
 def _records(data: bytes, name: str, problems: list[str]):
     """Yield (line, value) per record, or (line, _BAD) after reporting why it is unreadable.
 

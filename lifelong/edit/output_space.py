@@ -38,6 +38,7 @@ def through_norm(norm: torch.nn.Module, y: torch.Tensor, R: torch.Tensor, steps:
         target = (norm(y) + R.float()).double()                               # (n, d)
     delta = torch.zeros_like(y, dtype=torch.float64)
     jac = vmap(jacrev(lambda v: norm(v[None])[0]))
+    eye = torch.eye(y.shape[1], dtype=torch.float64)
     for _ in range(steps):
         at = (y.double() + delta).float()
         with torch.no_grad():
@@ -45,7 +46,6 @@ def through_norm(norm: torch.nn.Module, y: torch.Tensor, R: torch.Tensor, steps:
         J = jac(at).double()                                                   # (n, d, d): ∂N_i/∂y_j
         JtJ = J.transpose(1, 2) @ J                                            # (n, d, d)
         mu = damping * JtJ.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)  # (n,)
-        eye = torch.eye(y.shape[1], dtype=torch.float64)
         # a row whose Jacobian or miss is not finite (an output of zeros) moves no further
         ok = torch.isfinite(J).all(-1).all(-1) & torch.isfinite(miss).all(-1)
         step = torch.zeros_like(delta)

@@ -8,6 +8,7 @@ window, where a sliding layer attends exactly as a full one, so one mask serves 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -95,8 +96,6 @@ def recognise(model, layer_module: str) -> Decoder | str:
         if not arch.window or arch.window < MAX_ROW_TOKENS:
             return f"a sliding window of {arch.window} tokens, shorter than the rows ({MAX_ROW_TOKENS})"
     if types is not None and arch.kind == "rope":
-        import inspect
-
         if "layer_type" in inspect.signature(arch.rotary.forward).parameters:
             arch.layer_types = list(types)
     try:

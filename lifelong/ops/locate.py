@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import time
 from pathlib import Path
@@ -20,13 +19,12 @@ import numpy as np
 from lifelong.errors import BadInput, FactFileError
 from lifelong.eval import tracing
 from lifelong.eval.tracing import TraceFact
-from lifelong.facts import _kind, parse_facts
+from lifelong.facts import _kind, json_records, parse_facts
 from lifelong.model.loading import load_model, resolve_model
 from lifelong.ops import quiet
 
 KNOWN_FIELDS = ("prompt", "subject", "attribute")   # required in a known-facts record; others are ignored
 CHECK_CHUNK = 32    # facts checked for being known per forward pass
-_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 # -- reading facts ----------------------------------------------------------------
@@ -46,7 +44,7 @@ def read_trace_facts(path) -> list[TraceFact]:
         raise BadInput(f"{name}:0: file: {getattr(e, 'strerror', None) or e}") from None
     problems: list[str] = []
     facts: list[TraceFact] = []
-    records = _json_records(data, name, problems)
+    records = json_records(data, name, problems)
     first = next((v for _, v in records if isinstance(v, dict)), None)
     if first is not None and "attribute" in first and not {"target", "requested_rewrite"} & first.keys():
         facts = [f for line, value in records if (f := _known(value, name, line, problems)) is not None]
@@ -63,46 +61,6 @@ def read_trace_facts(path) -> list[TraceFact]:
                        hint="a known-facts record needs prompt, subject (written out in the prompt) and "
                             "attribute; a fact-file record needs subject, prompt (with {}) and target")
     return facts
-
-
-def _json_records(data: bytes, name: str, problems: list[str]) -> list[tuple[int, object]]:
-    """(line, value) of each element of a JSON array (a file starting with "[" not named .jsonl)
-    or each non-blank JSONL line; a bad one is reported in problems and skipped."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        problems.append(f"{name}:{line}: line: invalid UTF-8; save the file as UTF-8")
-        return []
-    decoder = json.JSONDecoder()
-    out: list[tuple[int, object]] = []
-    if text.lstrip().startswith("[") and not name.lower().endswith(".jsonl"):
-        pos = _SPACE.match(text, text.index("[") + 1).end()
-        line, counted = 1, 0
-        try:
-            while not text.startswith("]", pos):
-                line += text.count("\n", counted, pos)
-                counted = pos
-                value, pos = decoder.raw_decode(text, pos)
-                out.append((line, value))
-                pos = _SPACE.match(text, pos).end()
-                if text.startswith(",", pos):
-                    pos = _SPACE.match(text, pos + 1).end()
-                elif not text.startswith("]", pos):
-                    raise json.JSONDecodeError("Expecting ',' or ']' after an element", text, pos)
-        except (json.JSONDecodeError, RecursionError) as e:
-            at = e.lineno if isinstance(e, json.JSONDecodeError) else line
-            problems.append(f"{name}:{at}: line: bad JSON: {getattr(e, 'msg', e)}")
-        return out
-    for line, raw in enumerate(text.split("\n"), 1):
-        if raw.strip():
-            try:
-                out.append((line, decoder.decode(raw)))
-            except (json.JSONDecodeError, RecursionError) as e:
-                problems.append(f"{name}:{line}: line: bad JSON: {getattr(e, 'msg', e)}")
-    return out
 
 
 def _known(value, name: str, line: int, problems: list[str]):
