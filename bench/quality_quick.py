@@ -1,7 +1,8 @@
 """A quick read of a policy change on CounterFact: fewer edits and cheaper metrics than quality.py.
 
-Pushes the first BATCHES × 50 CounterFact dev facts into a fresh store (the shipped
-smollm2-135m policy with --push/--init overrides) and, every second batch and after the last,
+Pushes the first BATCHES × SIZE (default 50) CounterFact dev facts into a fresh store (the
+model's shipped policy, or --policy FILE, with --push/--init overrides) and, every second batch
+and after the last,
 measures every live fact's bare strict efficacy and paraphrase, neighbors unchanged vs the
 base model, retention of batch 1, and perplexity drift on two texts: the first 400 lines of
 WikiText-2 test (64 × 128 tokens, never seen by init's corpus) and the store's model-sampled
@@ -12,6 +13,8 @@ and the markdown table beside it is rebuilt.
     python bench/quality_quick.py shipped
     python bench/quality_quick.py margin1 --push '{"stop_margin": 1.0}'
     python bench/quality_quick.py layers1-8 --init '{"layers": [1,2,3,4,5,6,7,8]}'
+    python bench/quality_quick.py gemma-shipped --model gemma3-270m --batches 10
+    python bench/quality_quick.py suggested --policy policies/suggested.yaml --batches 4 --size 25
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ def describe(pol) -> str:
     return ", ".join(words)
 
 
-def fresh_store(work: Path, name: str, init_over: dict) -> Path:
+def fresh_store(work: Path, name: str, init_over: dict, model: str = "smollm2-135m",
+                policy: str | None = None) -> Path:
     """A new store for this variant: `init` with the policy's init-time overrides, WikiText corpus."""
     import yaml
 
@@ -57,11 +61,11 @@ def fresh_store(work: Path, name: str, init_over: dict) -> Path:
     store = work / f"{name}.h5"
     for p in (store, Path(f"{store}.d"), Path(f"{store}.lock")):
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    pol = load_policy(find_policy("smollm2-135m")).with_overrides(**init_over)
+    pol = load_policy(find_policy(policy or model)).with_overrides(**init_over)
     pol_file = work / f"{name}.policy.yaml"
     pol_file.write_text(yaml.safe_dump(pol.file_data(), sort_keys=False))
     corpus = plain_wikitext(work / "corpus.txt", lines=20_000, src=WIKI)
-    api.init(store, model="smollm2-135m", policy=str(pol_file), corpus=str(corpus))
+    api.init(store, model=model, policy=str(pol_file), corpus=str(corpus))
     return store
 
 
@@ -98,17 +102,18 @@ def _pct(v) -> str:
 
 
 def write_table(results: dict, out: Path) -> None:
-    lines = ["# Quick quality reads (SmolLM2-135M, CounterFact dev, batches of 50)", "",
+    lines = ["# Quick quality reads (CounterFact dev; SmolLM2-135M and batches of 50 unless the row says)", "",
              "`python bench/quality_quick.py NAME [--push JSON] [--init JSON]` per row (see the script's",
              "docstring): bare strict metrics of every live fact, WikiText-2 test drift and model-sampled",
              "drift. Each row is one run; compare rows at equal edits. \"Sure\": neighbors unchanged among the",
              "prompts whose base answer had top-1 probability ≥ 0.5 at every target token (rows before",
              "2026-12-06: —). Overrides are against the",
-             "`smollm2-135m` policy of the time, summed up in the column \"base policy\".", "",
+             "model's policy of the time (or the --policy file), summed up in the column \"base policy\".", "",
              "| variant | base policy | overrides | edits | efficacy | paraphrase | neighbors unchanged | of those the base model was sure of | retention b1 "
              "| drift WikiText | drift sampled | steps/group | push s/fact |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
+        size = r.get("size", 50)
         over = json.dumps({**r["push"], **r["init"]}) if (r["push"] or r["init"]) else "—"
         for row in r["rows"]:
             if "efficacy" not in row:
@@ -116,7 +121,7 @@ def write_table(results: dict, out: Path) -> None:
             lines.append(f"| {name} | {r.get('base', ADAM_ERA)} | `{over}` | {row['edits']} | {row['efficacy']:.1%} | {row['paraphrase']:.1%} | "
                          f"{row['neighbors_unchanged']:.1%} | {_pct(row.get('neighbors_unchanged_sure'))} | {row['retention_batch1']:.1%} | "
                          f"{row['drift_wikitext']:+.1%} | {row['drift_sampled']:+.1%} | {row['steps']:.1f} | "
-                         f"{row['push_seconds'] / 50:.2f} |")
+                         f"{row['push_seconds'] / size:.2f} |")
     lines += ["", f"Device: CPU, {os.cpu_count()} cores; runs may share it, so push seconds compare only roughly."]
     out.write_text("\n".join(lines) + "\n")
 
@@ -127,6 +132,9 @@ def main(argv=None) -> None:
     ap.add_argument("--push", default="{}", help="push-time policy overrides (JSON)")
     ap.add_argument("--init", default="{}", help="init-time policy overrides (JSON), e.g. layers")
     ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--size", type=int, default=50, help="facts per batch")
+    ap.add_argument("--model", default="smollm2-135m", help="a built-in model")
+    ap.add_argument("--policy", default=None, help="a policy file (default: the model's shipped one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="bench/work/quality_quick")
     ap.add_argument("--out", default=str(REPORTS / "quality_quick.md"))
@@ -137,16 +145,18 @@ def main(argv=None) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     push_over, init_over = json.loads(args.push), json.loads(args.init)
-    store = fresh_store(work, args.name, init_over)
+    store = fresh_store(work, args.name, init_over, args.model, args.policy)
     from lifelong.policy import find_policy, load_policy
 
-    base = describe(load_policy(find_policy("smollm2-135m")))
+    base = describe(load_policy(find_policy(args.policy or args.model)))
+    if args.model != "smollm2-135m" or args.policy:
+        base = f"{args.model}: {Path(args.policy).name + ': ' if args.policy else ''}{base}"
     rows, wiki, base_ppl = [], None, {}
-    batches = counterfact_batches(50 * args.batches, 50)
+    batches = counterfact_batches(args.size * args.batches, args.size)
     for i, batch in enumerate(batches):
         t = time.perf_counter()
         rep = api.push(store, write_batch(work / f"{args.name}-b{i + 1}.jsonl", batch), policy_overrides=push_over)
-        row = {"edits": 50 * (i + 1), "push_seconds": time.perf_counter() - t,
+        row = {"edits": args.size * (i + 1), "push_seconds": time.perf_counter() - t,
                "steps": sum(g["steps"] for g in rep.groups) / len(rep.groups)}
         if (i + 1) % 2 == 0 or i + 1 == len(batches):
             m, wiki = measure(store, wiki, base_ppl)
@@ -154,7 +164,8 @@ def main(argv=None) -> None:
         rows.append(row)
         print(args.name, json.dumps(row), flush=True)
         if "efficacy" in row:   # after every measurement: a long run stopped early keeps what it measured
-            save(Path(args.out), args.name, {"push": push_over, "init": init_over, "rows": rows, "base": base})
+            save(Path(args.out), args.name, {"push": push_over, "init": init_over, "rows": rows, "base": base,
+                                             "size": args.size})
 
 
 def save(out: Path, name: str, entry: dict) -> None:

@@ -19,8 +19,9 @@ from lifelong.ops.locate import locate
 from lifelong.ops.push import PushReport, push
 from lifelong.ops.refresh import RefreshReport, refresh
 from lifelong.ops.rollback import rollback
+from lifelong.ops.suggest import suggest
 from lifelong.store.location import DEFAULT_STORE, store_path
 
 __all__ = ["init", "push", "PushReport", "rollback", "export", "evaluate", "live_facts", "complete",
-           "refresh", "RefreshReport", "locate", "log_rows", "show", "status", "migrate", "store_path",
+           "refresh", "RefreshReport", "locate", "suggest", "log_rows", "show", "status", "migrate", "store_path",
            "DEFAULT_STORE"]

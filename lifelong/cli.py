@@ -402,5 +402,47 @@ def locate(model, facts, n, out, window, samples, seed, grid_facts, edit_layers,
     _emit(res, as_json, _print_locate)
 
 
+@main.group(context_settings=CONTEXT)
+def policy():
+    """Editing policies: a starting one for a model nobody has tuned."""
+
+
+def _print_suggest(d):
+    click.echo(d["text"].rstrip())
+    if d["out"]:
+        click.echo(f"wrote {d['out']} ({d['seconds']:.0f}s); use it: lifelong init --model ... --policy {d['out']}")
+    from lifelong.ops.suggest import check_line
+
+    for row in (d["check"] or {}).get("batches", []):
+        click.echo(check_line(row))
+
+
+@policy.command(context_settings=CONTEXT)
+@click.option("--model", required=True, help="built-in name, a transformers directory or a .gguf file")
+@click.option("--facts", "facts", required=True, type=click.Path(dir_okay=False),
+              help="facts the model may know, to trace (as `locate --facts`: ROME's known_1000.json or a fact file)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the policy here (YAML)")
+@click.option("--n", "n", type=int, default=20, show_default=True, help="known facts to trace and measure")
+@click.option("--layers", callback=_layer_list, default=None, metavar="L1,L2,...",
+              help="edit these layers instead of tracing for them")
+@click.option("--edit-layers", type=int, default=5, show_default=True, help="how many consecutive layers")
+@click.option("--corpus", type=click.Path(dir_okay=False), default=None,
+              help="plain text for C0 (as `init --corpus`) [default: the model samples its own]")
+@click.option("--check", type=int, default=0, show_default=True,
+              help="push this many facts of --check-facts in two batches into a temporary store and report")
+@click.option("--check-facts", type=click.Path(dir_okay=False), default=None, help="a fact file for --check")
+@json_option
+def suggest(model, facts, out, n, layers, edit_layers, corpus, check, check_facts, as_json):
+    """Suggest a starting policy for MODEL: edit layers by causal tracing, step size,
+    mom2 weight and null-space threshold carried over from the shipped SmolLM2 policy by
+    measured rules; the file's header says how each value was derived.
+
+    Example: lifelong policy suggest --model my-model-dir --facts known_1000.json --out policies/my-model.yaml --check 20 --check-facts dev.jsonl
+    """
+    res = _api().suggest(model, facts, out=out, n=n, layers=layers, edit_layers=edit_layers, corpus=corpus,
+                         check=check, check_facts=check_facts, log=_log)
+    _emit(res, as_json, _print_suggest)
+
+
 if __name__ == "__main__":
     main()

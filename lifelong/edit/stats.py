@@ -1,7 +1,8 @@
 """Preserved-knowledge statistics and the AlphaEdit null-space projector.
 
 C₀ = E[k kᵀ] over every token of the preserved corpus, at the input of each edited
-matrix (d_in × d_in, accumulated in float64). P = U₂U₂ᵀ spans the eigenvectors of C₀
+matrix (d_in × d_in): each batch's ≤ 1024 tokens multiplied in float32 (twice as fast as
+float64 on a CPU, relative error ~1e-6), the batches summed in float64. P = U₂U₂ᵀ spans the eigenvectors of C₀
 whose eigenvalues fall below the policy threshold: an update of the form X·P leaves
 the outputs of keys in C₀'s dominant directions unchanged.
 """
@@ -37,10 +38,8 @@ def second_moments(model, module_names: list[str], seqs: list[list[int]], batch:
 
     def make(name, last):
         def pre(_module, args):
-            x = args[0].to(torch.float64)              # (n, T, d_in)
-            m = state["mask"].to(x.dtype).unsqueeze(-1)  # (n, T, 1)
-            xm = (x * m).reshape(-1, x.shape[-1])
-            acc = xm.t() @ xm                           # (d_in, d_in)
+            x = args[0][state["mask"].bool()].to(torch.float32)   # (tokens, d_in): the real tokens
+            acc = (x.t() @ x).to(torch.float64)                   # (d_in, d_in): float32 within a batch, summed in float64
             sums[name] = acc.cpu() if name not in sums else sums[name] + acc.cpu()
             if last:
                 raise _Stop

@@ -93,6 +93,7 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
                                               fisher_seqs, progress=progress and progress("fisher"))
         arrays[FISHER] = sum(per_layer.values()).numpy()
         fisher_info = {"fisher_tokens": n_fisher}
+    log("sampling the MEMIT contexts, the evaluation prefixes and the held-out text")
     contexts = context_templates(net, tok, pol.contexts.n_prefixes, pol.contexts.prefix_tokens, seed=seed + 1)
     prefixes = eval_prefixes(net, tok, seed + 3)
     if heldout is not None:

@@ -90,6 +90,22 @@ def _known(value, name: str, line: int, problems: list[str]):
     return TraceFact(got["prompt"], got["subject"], got["attribute"], start, line)
 
 
+def known_subset(lm, tok, candidates: list[TraceFact], n: int, facts, log=quiet) -> tuple[list[TraceFact], int]:
+    """(the first n candidates the model knows, how many were checked); BadInput naming the
+    file `facts` if it knows none."""
+    known, checked = [], 0
+    while len(known) < n and checked < len(candidates):
+        chunk = candidates[checked:checked + CHECK_CHUNK]
+        known += tracing.known_facts(lm, tok, chunk)
+        checked += len(chunk)
+    log(f"{len(known)} of the first {checked} facts are known by the model")
+    if not known:
+        raise BadInput(f"the model knows none of the {checked} facts in {os.fsdecode(facts)} (their answer's "
+                       "first token is never its top prediction); nothing to trace",
+                       hint="give facts the model gets right, e.g. ROME's known_1000.json")
+    return known[:n], checked
+
+
 # -- the verb -----------------------------------------------------------------------
 
 def locate(model: str, facts, n: int = 50, out=None, window: int = 10, samples: int = 10, seed: int = 0,
@@ -116,17 +132,7 @@ def locate(model: str, facts, n: int = 50, out=None, window: int = 10, samples: 
     if compare and not all(0 <= layer < n_layers for layer in compare):
         raise BadInput(f"--compare-layers {','.join(map(str, compare))}: the model has layers 0-{n_layers - 1}")
 
-    known, checked = [], 0
-    while len(known) < n and checked < len(candidates):
-        chunk = candidates[checked:checked + CHECK_CHUNK]
-        known += tracing.known_facts(lm, tok, chunk)
-        checked += len(chunk)
-    log(f"{len(known)} of the first {checked} facts are known by the model")
-    known = known[:n]
-    if not known:
-        raise BadInput(f"the model knows none of the {checked} facts in {os.fsdecode(facts)} (their answer's "
-                       "first token is never its top prediction); nothing to trace",
-                       hint="give facts the model gets right, e.g. ROME's known_1000.json")
+    known, checked = known_subset(lm, tok, candidates, n, facts, log)
     # the heatmap's every position for the first grid_facts facts; the rest only at the last
     # subject token, where the edit layers are read (a few times cheaper per fact)
     result = tracing.trace(lm, tok, known, samples=samples, window=window, seed=seed, grid_facts=grid_facts, log=log)

@@ -1,0 +1,33 @@
+"""C₀ = E[kkᵀ] (`edit.stats.second_moments`) against a float64 reference on a tiny model: padding
+is left out, uneven sequences weigh per token, and the float32 batch products lose nothing
+that matters."""
+from __future__ import annotations
+
+import torch
+
+from lifelong.edit.stats import second_moments
+from lifelong.model.loading import load_model, resolve_model
+
+
+def test_second_moments_equal_a_float64_reference_per_token(tiny_llama_dir):
+    model, tok = load_model(resolve_model(str(tiny_llama_dir)), log=lambda *a: None)
+    names = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, tok.vocab_size, (n,), generator=g).tolist() for n in (7, 12, 3, 12, 9)]
+    got, count = second_moments(model, names, seqs, batch=2)
+    assert count == sum(len(s) for s in seqs)
+    want = {n: torch.zeros_like(got[n]) for n in names}
+    for s in seqs:                                  # one unpadded sequence at a time
+        seen = {}
+        handles = [model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, a, n=n: seen.__setitem__(n, a[0][0].double())) for n in names]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([s]))
+        for h in handles:
+            h.remove()
+        for n in names:
+            want[n] += seen[n].T @ seen[n]
+    for n in names:
+        ref = want[n] / count
+        assert got[n].dtype == torch.float64
+        assert torch.allclose(got[n], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
