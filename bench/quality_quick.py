@@ -122,8 +122,33 @@ def write_table(results: dict, out: Path) -> None:
                          f"{row['neighbors_unchanged']:.1%} | {_pct(row.get('neighbors_unchanged_sure'))} | {row['retention_batch1']:.1%} | "
                          f"{row['drift_wikitext']:+.1%} | {row['drift_sampled']:+.1%} | {row['steps']:.1f} | "
                          f"{row['push_seconds'] / size:.2f} |")
-    lines += ["", f"Device: CPU, {os.cpu_count()} cores; runs may share it, so push seconds compare only roughly."]
+    lines += ["", f"Device: CPU, {os.cpu_count()} cores; runs may share it, so push seconds compare only roughly.", ""]
+    lines += slope_table(results)
     out.write_text("\n".join(lines) + "\n")
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys against xs (with an intercept)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def slope_table(results: dict, min_edits: int = 300) -> list[str]:
+    """Per variant measured to at least min_edits: drift and neighbors per 100 edits, the numbers
+    that decide how long a deployment lasts (a line fit over every measured row)."""
+    lines = [f"## Slopes (variants measured to at least {min_edits} edits)", "",
+             "Least-squares lines over each variant's measured rows, per 100 edits.", "",
+             "| variant | base policy | measured at | drift WikiText per 100 edits | neighbors unchanged per 100 edits |",
+             "|---|---|---|---:|---:|"]
+    for name, r in results.items():
+        rows = [row for row in r["rows"] if "efficacy" in row]
+        if len(rows) < 2 or rows[-1]["edits"] < min_edits:
+            continue
+        xs = [row["edits"] / 100 for row in rows]
+        lines.append(f"| {name} | {r.get('base', ADAM_ERA)} | {', '.join(str(row['edits']) for row in rows)} | "
+                     f"{slope(xs, [row['drift_wikitext'] for row in rows]):+.1%} | "
+                     f"{slope(xs, [row['neighbors_unchanged'] for row in rows]):+.1%} |")
+    return lines
 
 
 def main(argv=None) -> None:

@@ -122,7 +122,7 @@ def _derive(model: str, lm, template: str, layers: list[int], m: calibration.Mea
     cfg = lm.config
     desc = (f"{cfg.architectures[0] if getattr(cfg, 'architectures', None) else type(lm).__name__}, "
             f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}")
-    name = Path(model).stem if os.sep in model or model.endswith(".gguf") else model
+    name = Path(os.fsdecode(model)).stem if os.sep in model or model.endswith(".gguf") else model
     policy = ref_pol.with_overrides(
         name=name, model=f"{model} ({desc})",
         source=f"lifelong policy suggest ({time.strftime('%Y-%m-%d')}): {REFERENCE.model}'s checked policy "
@@ -131,8 +131,9 @@ def _derive(model: str, lm, template: str, layers: list[int], m: calibration.Mea
         values={"step_size": float(f"{step:.3g}")},
         update={"mom2_weight": float(f"{lam:.3g}")},
         preserved={"nullspace_threshold": float(f"{thr:.3g}")})
-    where = (f"the {len(layers)} consecutive layers with the largest MLP indirect effect at the last subject "
-             f"token (causal tracing of {trace['facts']} known facts, {trace['samples']} noise samples each)" if trace else "given by --layers")
+    where = (f"the {len(layers)} consecutive layers with the largest MLP indirect effect at\n  the last "
+             f"subject token (causal tracing of {trace['facts']} known facts, {trace['samples']} noise samples each)"
+             if trace else "given by --layers")
     lines = [
         f"{name}: suggested by `lifelong policy suggest`, {time.strftime('%Y-%m-%d')}. Each value below is",
         f"{REFERENCE.model}'s (tuned on CounterFact dev facts) unless this header says how it was carried over;",
@@ -150,7 +151,7 @@ def _derive(model: str, lm, template: str, layers: list[int], m: calibration.Mea
         "- contexts, steps, clamp, KL, weight decay, alignment, merging, the room rule and gates: the reference's.",
         "Check it on your own facts: lifelong policy suggest ... --check 20 --check-facts FILE.",
     ]
-    return policy, "".join(f"# {line}\n" for line in lines)
+    return policy, "".join(f"# {line}\n" for text in lines for line in text.split("\n"))
 
 
 def _file_data(policy) -> dict:
