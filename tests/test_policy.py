@@ -80,8 +80,8 @@ def test_shipped_values_match_the_published_ones():
     assert (smol.update.project, smol.update.hold_earlier, smol.values.merged_steps) == (False, True, 80)   # tuned here (header)
     assert all(p.update.project and not p.update.hold_earlier for p in (llama3, gpt2, gptj, qwen))   # AlphaEdit as published
     assert smol.preserved.nullspace_threshold == 0.01
-    assert (smol.preserved.corpus_tokens, smol.preserved.sampled_tokens) == (200_000, 20_000)              # a truer C₀ from a file
-    assert (smol.values.optimizer, smol.values.metric, smol.preserved.fisher_tokens) == ("normalized", "fisher", 32768)
+    assert (smol.preserved.corpus_tokens, smol.preserved.sampled_tokens) == (100_000, 20_000)              # a truer C₀ from a file
+    assert (smol.values.optimizer, smol.values.metric, smol.preserved.fisher_tokens) == ("normalized", "fisher", 8192)
     assert all(p.values.metric == "euclidean" for p in (llama3, gpt2, gptj, qwen))
     assert all(load_policy(p).unused() == [] for p in SHIPPED)                       # nothing set that is ignored     # as published
     assert smol.n_contexts == 6 and smol.module_name(4) == "model.layers.4.mlp.down_proj"
