@@ -119,7 +119,7 @@ def mom2_weight_for(key_mahalanobis: float, ref: Reference = REFERENCE) -> float
 
 
 @torch.no_grad()
-def measure(model, tok, module_names: list[str], layer_names: list[str], layers: list[int],
+def measure(model, module_names: list[str], layer_names: list[str], layers: list[int],
             prompts: list[tuple[list[int], int]], seqs: list[list[int]]) -> Measured:
     """The rules' quantities at the edited modules (module_names, in layer order) and their
     decoder layers: C₀ from the text seqs, and for each prompt (token ids, last subject

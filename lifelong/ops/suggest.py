@@ -29,7 +29,7 @@ from lifelong.model.corpus import chunk_tokens, read_corpus, sample_sequences
 from lifelong.model.loading import load_model, resolve_model
 from lifelong.ops import quiet
 from lifelong.ops.locate import known_subset, read_trace_facts
-from lifelong.policy import find_policy, load_policy, module_name
+from lifelong.policy import find_policy, layer_name, load_policy, module_name
 
 MEASURE_TOKENS = 20_000      # text tokens C₀ is measured from: as for the reference
 SEQ_LEN = 128
@@ -92,8 +92,7 @@ def suggest(model: str, facts, out=None, n: int = 20, layers: list[int] | None =
     encoded = [tracing.encode(tok, f) for f in candidates[:MEASURE_FACTS]]
     prompts = [(e.ids, e.last) for e in encoded]                  # (prompt ids, last subject position)
     names = [module_name(template, x) for x in layers]
-    m = calibration.measure(lm, tok, names, [template.split("{}")[0] + str(x) for x in layers], layers,
-                            prompts, seqs)
+    m = calibration.measure(lm, names, [layer_name(template, x) for x in layers], layers, prompts, seqs)
     policy, header = _derive(model, lm, template, layers, m, trace, len(prompts))
     text = header + yaml.safe_dump(_file_data(policy), sort_keys=False, allow_unicode=True)
     result = {"model": model, "layers": layers, "module_template": template, "traced": len(known),
