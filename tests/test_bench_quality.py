@@ -61,3 +61,15 @@ def test_a_variant_with_the_reference_policy_is_said_to_be_it_not_compared():
     run = {"batches": [{"edits": 50, "efficacy": 0.9, "retention_batch1": 0.9, "perplexity_drift": 0.01}]}
     (line,) = quality.against_ablations({"shipped": run, "no_align": run}, "shipped", {"no_align"})
     assert "the same policy as shipped" in line and "NOT" not in line
+
+
+def test_quick_reads_report_the_slope_per_100_edits():
+    import quality_quick
+
+    assert quality_quick.slope([1, 2, 3], [0.02, 0.05, 0.08]) == pytest.approx(0.03)
+    rows = [{"edits": e, "efficacy": 1.0, "drift_wikitext": d, "neighbors_unchanged": n}
+            for e, d, n in ((100, 0.02, 0.9), (200, 0.05, 0.85), (300, 0.08, 0.8))]
+    table = quality_quick.slope_table({"long": {"rows": rows, "base": "b"},
+                                       "short": {"rows": rows[:2], "base": "b"}})
+    assert "| long | b | 100, 200, 300 | +3.0% | -5.0% |" in table
+    assert not any(line.startswith("| short") for line in table)
