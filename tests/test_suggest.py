@@ -16,7 +16,7 @@ from lifelong.errors import BadInput
 from lifelong.model.loading import load_model, resolve_model
 from lifelong.ops.suggest import mlp_output_template
 from lifelong.policy import load_policy
-from test_locate import KNOWN, WRONG
+from test_locate import knowns_file  # noqa: F401  (the fixture: ROME known facts of the tiny models)
 
 
 def test_bulk_share_leaves_out_the_massive_channels_only():
@@ -74,13 +74,6 @@ def test_the_rules_give_back_the_reference_on_its_own_measurements():
 def test_the_mlp_output_matrix_is_found_per_family(request, arch, template):
     model, _ = load_model(resolve_model(str(request.getfixturevalue(f"tiny_{arch}_dir"))), log=lambda *a: None)
     assert mlp_output_template(model) == template
-
-
-@pytest.fixture
-def knowns_file(tmp_path):
-    path = tmp_path / "known.json"
-    path.write_text(json.dumps([WRONG] + KNOWN, indent=2))
-    return path
 
 
 def test_suggest_traces_writes_a_policy_init_takes_unchanged(tiny_llama_dir, knowns_file, tmp_path):

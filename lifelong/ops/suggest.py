@@ -94,10 +94,11 @@ def suggest(model: str, facts, out=None, n: int = 20, layers: list[int] | None =
     names = [module_name(template, x) for x in layers]
     m = calibration.measure(lm, names, [layer_name(template, x) for x in layers], layers, prompts, seqs)
     policy, header = _derive(model, lm, template, layers, m, trace, len(prompts))
-    text = header + yaml.safe_dump(_file_data(policy), sort_keys=False, allow_unicode=True)
+    data = _file_data(policy)
+    text = header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     result = {"model": model, "layers": layers, "module_template": template, "traced": len(known),
               "measured_facts": len(prompts),
-              "checked": checked, "measured": _measured_dict(m), "policy": _file_data(policy),
+              "checked": checked, "measured": _measured_dict(m), "policy": data,
               "trace": trace, "out": None, "check": None}
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
