@@ -413,7 +413,11 @@ def _print_suggest(d):
         click.echo(f"wrote {d['out']} ({d['seconds']:.0f}s); use it: lifelong init --model ... --policy {d['out']}")
     from lifelong.ops.suggest import check_line
 
-    for row in (d["check"] or {}).get("batches", []):
+    check = d["check"] or {}
+    if check.get("calibrated_step") is not None:
+        click.echo(f"check: value step calibrated {check['step']:g} -> {check['calibrated_step']:g} "
+                   f"(values took {check['value_steps']:.2f} steps at the first)")
+    for row in check.get("batches", []):
         click.echo(check_line(row))
 
 
@@ -429,7 +433,8 @@ def _print_suggest(d):
 @click.option("--corpus", type=click.Path(dir_okay=False), default=None,
               help="plain text for C0 (as `init --corpus`) [default: the model samples its own]")
 @click.option("--check", type=int, default=0, show_default=True,
-              help="push this many facts of --check-facts in two batches into a temporary store and report")
+              help="push this many facts of --check-facts in two batches into a temporary store and report; "
+                   "the first batch also calibrates the value step")
 @click.option("--check-facts", type=click.Path(dir_okay=False), default=None, help="a fact file for --check")
 @json_option
 def suggest(model, facts, out, n, layers, edit_layers, corpus, check, check_facts, as_json):

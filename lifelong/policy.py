@@ -285,6 +285,17 @@ class Experiment(BaseModel):
         "least this many nats over the runner-up, in every context (ENCORE's most-probable early "
         "stopping, with a margin). None: off.",
     )
+    stop_patience: int = Field(
+        1, ge=1,
+        description="With stop_margin: the margin must hold for this many consecutive steps "
+        "before a value stops (ENCORE uses 2-4). 1: at the first step it holds.",
+    )
+    frobenius_weight: float = Field(
+        0.0, ge=0,
+        description="λ_F of the MEMIT-style update: adds λ_F·(tr E[kkᵀ]/d)·I to its solve "
+        "(ENCORE's Frobenius term, in units of C₀'s mean eigenvalue), which bounds ‖Δ‖ most "
+        "where C₀ leaves keys room. 0: off.",
+    )
 
 
 class Policy(BaseModel):
@@ -461,7 +472,8 @@ FLAT: list[tuple[str, tuple[str, ...]]] = [
     ("value_metric", ("values", "metric")), ("fisher_tokens", ("preserved", "fisher_tokens")),
     ("clamp_norm_factor", ("values", "clamp_norm_factor")), ("kl_factor", ("values", "kl_factor")),
     ("weight_decay", ("values", "weight_decay")), ("early_stop_loss", ("values", "early_stop_loss")),
-    ("stop_margin", ("experiment", "stop_margin")),
+    ("stop_margin", ("experiment", "stop_margin")), ("stop_patience", ("experiment", "stop_patience")),
+    ("frobenius_weight", ("experiment", "frobenius_weight")),
     ("align", ("alignment", "enabled")), ("tau", ("alignment", "tau")), ("top_m", ("alignment", "top_m")),
     ("lambda_kl", ("alignment", "lambda_kl")), ("lambda_mse", ("alignment", "lambda_mse")),
     ("merge_same_subject", ("merging", "same_subject")),

@@ -122,6 +122,19 @@ def test_memit_update_solves_its_normal_equations():
     assert torch.allclose(lhs, R.double() @ K.double().t(), atol=1e-4)
 
 
+def test_the_frobenius_term_adds_lambda_f_times_the_mean_eigenvalue_and_shortens_the_update():
+    _, mom2 = _preserved()
+    g = torch.Generator().manual_seed(5)
+    K, R = torch.randn(D_IN, 3, generator=g), torch.randn(D_OUT, 3, generator=g)
+    A, B = memit_update(R, K, mom2, weight=10.0, frobenius=2.0)
+    delta = A.double() @ B.double()
+    ridge = 2.0 * torch.trace(mom2.double()) / D_IN * torch.eye(D_IN, dtype=torch.float64)
+    lhs = delta @ (10.0 * mom2.double() + ridge + K.double() @ K.double().t())
+    assert torch.allclose(lhs, R.double() @ K.double().t(), atol=1e-4)
+    A0, B0 = memit_update(R, K, mom2, weight=10.0)
+    assert delta.norm() < (A0.double() @ B0.double()).norm()
+
+
 def test_memit_holding_earlier_keys_approaches_the_least_leak_exact_write():
     """hold_earlier: K_pK_pᵀ in MEMIT's solve. For a small λ the update writes R on K, keeps
     K_p's outputs, and among all such updates changes preserved outputs least: its limit is

@@ -68,6 +68,15 @@ def test_the_rules_give_back_the_reference_on_its_own_measurements():
     assert calibration.step_size_for(0.05, ref) == pytest.approx(0.01)   # massive channels: smaller steps
 
 
+def test_the_step_is_calibrated_to_the_reference_s_steps_per_value():
+    ref = Reference(value_steps=8.0)
+    assert calibration.calibrated_step(0.02, 4.0, ref) == pytest.approx(0.01)       # coarse: halve it
+    assert calibration.calibrated_step(0.02, 24.0, ref) == pytest.approx(0.06)      # fine: triple it
+    assert calibration.calibrated_step(0.02, 10.0, ref) is None                     # within the band: keep it
+    assert calibration.calibrated_step(0.02, 8.0 / calibration.STEP_BAND, ref) is None
+    assert calibration.calibrated_step(0.08, 0.1, ref) == pytest.approx(0.08 / calibration.STEP_RANGE)
+
+
 @pytest.mark.parametrize("arch, template", [("llama", "model.layers.{}.mlp.down_proj"),
                                             ("gpt2", "transformer.h.{}.mlp.c_proj"),
                                             ("gemma", "model.layers.{}.mlp.down_proj")])
@@ -103,11 +112,15 @@ def test_suggest_with_layers_json_and_the_self_check(tiny_gpt2_dir, knowns_file,
                        "--check", 2, "--check-facts", facts, "--json").stdout)
     assert d["layers"] == [1, 2] and d["trace"] is None and d["out"] is None
     assert d["module_template"] == "transformer.h.{}.mlp.c_proj"
-    m = d["measured"]
-    assert d["policy"]["values"]["step_size"] == pytest.approx(calibration.step_size_for(m["bulk_share"]), rel=1e-2)
+    m, check = d["measured"], d["check"]
+    bulk_step = calibration.step_size_for(m["bulk_share"])
+    assert check["step"] == pytest.approx(bulk_step, rel=1e-2) and check["value_steps"] > 0
+    expect = calibration.calibrated_step(check["step"], check["value_steps"])
+    assert check["calibrated_step"] == (None if expect is None else pytest.approx(expect, rel=1e-2))
+    assert d["policy"]["values"]["step_size"] == pytest.approx(check["calibrated_step"] or bulk_step, rel=1e-2)
     assert d["policy"]["update"]["mom2_weight"] == pytest.approx(calibration.mom2_weight_for(m["key_mahalanobis"]),
                                                                  rel=1e-2)
-    rows = d["check"]["batches"]
+    rows = check["batches"]
     assert [r["facts"] for r in rows] == [1, 1]
     assert all(r["efficacy"] in (0.0, 1.0) and r["neighbors_unchanged"] is None for r in rows)   # no neighbors given
 
@@ -126,3 +139,20 @@ def test_a_check_file_with_too_few_facts_is_named(tiny_llama_dir, knowns_file, t
     write_jsonl(facts, [{"subject": "Apple", "prompt": "{} makes the", "target": " guitar"}])
     with pytest.raises(BadInput, match=f"{facts}: holds 1 facts, --check asks for 4"):
         api.suggest(str(tiny_llama_dir), knowns_file, check=4, check_facts=facts)
+
+
+def test_a_step_off_the_reference_s_granularity_is_calibrated_and_both_batches_rerun(
+        tiny_llama_dir, knowns_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration, "STEP_BAND", 1.0)         # any difference from the reference calibrates
+    facts = write_jsonl(tmp_path / "edits.jsonl",
+                        [{"subject": "Toko Yasuda", "prompt": "{} plays the", "target": " piano"},
+                         {"subject": "Apple", "prompt": "{} makes the", "target": " guitar"}])
+    out = tmp_path / "tiny.yaml"
+    res = api.suggest(str(tiny_llama_dir), knowns_file, out=out, layers=[1, 2], check=2, check_facts=facts)
+    check = res["check"]
+    new = check["calibrated_step"]
+    assert new is not None and new != check["step"]
+    assert new == pytest.approx(calibration.calibrated_step(check["step"], check["value_steps"]), rel=1e-2)
+    assert load_policy(out).values.step_size == new
+    assert f"Calibrated to {new:g}" in out.read_text()
+    assert [r["batch"] for r in check["batches"]] == [1, 2]   # the first batch's first push is not reported

@@ -203,6 +203,40 @@ def test_margin_stop_is_the_same_in_every_loop(tiny):
         assert rel(j.delta, one.delta) < 1e-4
 
 
+def _first_stop(margins: list[float], at: float, patience: int) -> int | None:
+    """The forward (= steps taken) at which `margins` (one per forward) first held ≥ at for
+    `patience` consecutive forwards."""
+    run = 0
+    for j, m in enumerate(margins):
+        run = run + 1 if m >= at else 0
+        if run >= patience:
+            return j
+    return None
+
+
+def test_stop_patience_waits_for_the_margin_to_hold_in_every_loop(tiny):
+    """stop_patience k: a value stops once the margin has held for k consecutive forwards,
+    in the straightforward, the fast and the joint loop alike."""
+    from lifelong.edit.values_batched import optimize_values_batched
+
+    arch, model, tok = tiny
+    free = policy(arch, steps=16, lr=1.0, early_stop_loss=0.0)
+    never = free.with_overrides(stop_margin=1e9)      # margins reported, the same trajectory as `free`
+    # the margin at forward j is the last one a run with a budget of j + 1 steps reports
+    margins = [optimize_value_fast(model, tok, ONE, CONTEXTS, LAYER[arch], never.with_overrides(steps=k), None).margin
+               for k in range(1, 17)]
+    # a threshold away from rounding's knife edge at which waiting for 3 forwards stops later
+    cuts = sorted((a + b) / 2 for a, b in zip(sorted(margins), sorted(margins)[1:]) if b - a > 2e-3)
+    at = next(c for c in cuts if (_first_stop(margins, c, 3) or 99) < 16
+              and _first_stop(margins, c, 1) < _first_stop(margins, c, 3))
+    pol = free.with_overrides(stop_margin=at, stop_patience=3)
+    results = [f(model, tok, ONE, CONTEXTS, LAYER[arch], pol, None, seed=0) for f in (optimize_value, optimize_value_fast)]
+    results.append(optimize_values_batched(model, tok, [ONE], CONTEXTS, LAYER[arch], pol)[0])
+    assert [r.steps for r in results] == [_first_stop(margins, at, 3)] * 3
+    once = optimize_value_fast(model, tok, ONE, CONTEXTS, LAYER[arch], pol.with_overrides(stop_patience=1), None)
+    assert once.steps == _first_stop(margins, at, 1) < results[0].steps
+
+
 def test_normalized_steps_move_each_row_by_its_step_along_the_gradient():
     """δ ← δ − step·g/‖g‖ per row: each row moves exactly its own step length, straight
     down its gradient; a row with no gradient (a stopped group) does not move."""

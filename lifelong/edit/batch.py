@@ -172,7 +172,8 @@ def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, lay
             if ctx.P is not None:
                 A, B = projected_update(R, K.t(), ctx.P, ctx.KpKpT, policy.update.alpha, ctx.mom2, policy.experiment.preserve_weight)
             else:
-                A, B = memit_update(R, K.t(), ctx.mom2, policy.update.mom2_weight, ctx.KpKpT)
+                A, B = memit_update(R, K.t(), ctx.mom2, policy.update.mom2_weight, ctx.KpKpT,
+                                    policy.experiment.frobenius_weight)
             check_finite(f"update of layer {layer}", A)
             check_finite(f"update of layer {layer}", B)
             write_matrix(modules[layer], materialize(read_matrix(modules[layer]), [(A, B)]))

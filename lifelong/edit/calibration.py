@@ -14,7 +14,13 @@ on both:
   m/(m + λ), m = kᵀC₀⁻¹k; λ is set so that the model's median edit key keeps the reference's
   λ/m (`key_mahalanobis`);
 - null-space threshold: the eigenvalue of C₀ below which the kept directions hold the
-  reference's share of tr(C₀) (`threshold_for`).
+  reference's share of tr(C₀) (`threshold_for`);
+- value step, once more, from a push of the user's own facts (`calibrated_step`): the bulk
+  share only reads the stream, not how far a value must move it to flip a fact. A δ grows
+  by about one step per step, so the mean steps a batch's values take measure that
+  distance in steps; the step is rescaled so that values take the reference's number of
+  steps, i.e. the same granularity: a step too coarse for the distance overshoots the
+  target by up to a whole step and writes more than the fact needs.
 `measure` reads these quantities off a model; `Reference` holds them for SmolLM2-135M.
 """
 from __future__ import annotations
@@ -29,6 +35,9 @@ from lifelong.model.hooks import _Stop, hooks
 
 MASSIVE = 10.0       # a channel whose RMS over the measured tokens is ≥ MASSIVE × the median channel's
 EIG_FLOOR = 1e-9     # × the largest eigenvalue: C₀'s floor when inverting it
+STEP_BAND = 1.5      # mean value steps within this factor of the reference's keep the step: batches
+                     # of the same policy differ by up to 1.25× (SmolLM2, 25-fact batches: 8.2-10.3)
+STEP_RANGE = 8.0     # the calibration moves a step by at most this factor
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,8 @@ class Reference:
     key_mahalanobis: float = 6024.0
     threshold: float = 1e-2
     kept_energy: float = 0.270      # the largest over the layers (layer 3)
+    value_steps: float = 8.48       # mean steps per value, first batch (25 CounterFact dev facts) on a fresh
+                                    # store (bench/reports/quality_quick.md, row smollm2-shipped-25)
 
 
 REFERENCE = Reference()
@@ -111,6 +122,15 @@ def threshold_for(eigvals: dict[int, np.ndarray], energy: float) -> float:
 def step_size_for(bulk: float, ref: Reference = REFERENCE) -> float:
     """The value step that moves the stream's ordinary part as far as the reference's step."""
     return ref.step_size * bulk / ref.bulk_share
+
+
+def calibrated_step(step: float, mean_steps: float, ref: Reference = REFERENCE) -> float | None:
+    """The step at which values would take the reference's number of steps, given that they
+    took `mean_steps` at `step`; None when that is within STEP_BAND of the reference (keep it)."""
+    ratio = mean_steps / ref.value_steps
+    if 1 / STEP_BAND <= ratio <= STEP_BAND:
+        return None
+    return step * min(max(ratio, 1 / STEP_RANGE), STEP_RANGE)
 
 
 def mom2_weight_for(key_mahalanobis: float, ref: Reference = REFERENCE) -> float:

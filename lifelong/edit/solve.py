@@ -7,6 +7,7 @@ preserve_weight λ_p adds λ_p·P·C₀ (0: as published).
 MEMIT (projection off): Δ = R Kᵀ (λC₀ + KKᵀ)⁻¹; with the policy's hold_earlier,
 Δ = R Kᵀ (λC₀ + KKᵀ + K_pK_pᵀ)⁻¹, whose limit for small λ is the update that writes R
 exactly, holds K_p exactly and changes the preserved keys' outputs least, tr(Δ C₀ Δᵀ).
+ENCORE's Frobenius term λ_F·(tr C₀/d)·I in the same solve bounds ‖Δ‖ itself.
 Both have rank ≤ n (the batch's write units, one per fact): A = R (d_out, n), B (n, d_in).
 """
 from __future__ import annotations
@@ -38,11 +39,17 @@ def projected_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
 
 
 def memit_update(R: torch.Tensor, K: torch.Tensor, mom2: torch.Tensor,
-                 weight: float, KpKpT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 weight: float, KpKpT: torch.Tensor | None = None,
+                 frobenius: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """MEMIT factors against the mean second moment C₀ with ridge weight λ; with KpKpT,
-    earlier edits' keys enter the solve too and are held in place."""
+    earlier edits' keys enter the solve too and are held in place. frobenius λ_F adds
+    λ_F·(tr C₀/d)·I: the objective gains λ_F·(tr C₀/d)·‖Δ‖² (ENCORE)."""
     K64 = K.to(mom2.device, torch.float64)
-    M = weight * mom2.to(torch.float64) + K64 @ K64.t()              # (d_in, d_in)
+    C0 = mom2.to(torch.float64)
+    M = weight * C0 + K64 @ K64.t()                                  # (d_in, d_in)
+    if frobenius > 0:
+        d = C0.shape[0]
+        M = M + frobenius * (torch.trace(C0) / d) * torch.eye(d, dtype=torch.float64, device=C0.device)
     if KpKpT is not None:
         M = M + KpKpT.to(mom2.device, torch.float64)
     X = _solve(M, K64)                                               # (d_in, n)

@@ -97,6 +97,12 @@ def reached_stop(nll: float, margin: float, policy) -> bool:
     return nll < policy.values.early_stop_loss or (policy.experiment.stop_margin is not None and margin >= policy.experiment.stop_margin)
 
 
+def stop_after(nll: float, policy) -> int:
+    """Consecutive steps `reached_stop` must hold: 1 on the NLL, experiment.stop_patience on the
+    margin alone (ENCORE: the target stays the argmax in every context while δ moves on)."""
+    return 1 if nll < policy.values.early_stop_loss else policy.experiment.stop_patience
+
+
 class NormalizedSteps(torch.optim.Optimizer):
     """Gradient descent with steps of a fixed length: δ ← δ − step·g/‖g‖, per row of δ.
 
@@ -166,7 +172,7 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
     Returns (steps taken, first NLL, last NLL, last min margin). check_first(tok_logp,
     ess_logp) may raise _Abort.
     """
-    nll_start, steps, nll_val, margin_val = None, 0, float("nan"), float("nan")
+    nll_start, steps, nll_val, margin_val, streak = None, 0, float("nan"), float("nan"), 0
     for step in range(policy.step_budget(len(fact_rows) // n_ctx)):
         tok_logp, ess_logp, margin = forward()
         if step == 0 and check_first is not None:
@@ -178,7 +184,8 @@ def run_steps(forward, delta, opt, n_rows: int, r_idx, fact_rows: list[int], n_c
         if nll_start is None:
             nll_start = nll_val
         margin_val = float(margin.min()) if margin is not None else float("nan")
-        if reached_stop(nll_val, margin_val, policy):
+        streak = streak + 1 if reached_stop(nll_val, margin_val, policy) else 0
+        if streak >= stop_after(nll_val, policy):
             break
         kl = torch.sum(ess_init.exp() * (ess_init - ess_logp))
         loss = nll + policy.values.kl_factor * kl + policy.values.weight_decay * delta.pow(2).sum() / h_norm**2

@@ -17,7 +17,7 @@ import time
 import torch
 
 from lifelong.facts import Fact
-from lifelong.edit.values import GroupRows, ValueResult, fact_row_nll, make_optimizer, reached_stop
+from lifelong.edit.values import GroupRows, ValueResult, fact_row_nll, make_optimizer, reached_stop, stop_after
 from lifelong.edit.values_fast import (
     _CHECK_TOL,
     _CHECK_TOL_LOW,
@@ -83,6 +83,7 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed, met
     active = torch.ones(G, dtype=torch.bool, device=device)
     margins = policy.experiment.stop_margin is not None
     steps = torch.zeros(G, dtype=torch.long)
+    streak = torch.zeros(G, dtype=torch.long)                                    # consecutive steps at the stop
     nll_start = nll_last = None
     view, groups_in_view = fwd, torch.arange(G, device=device)
     passes = forwards = 0
@@ -113,8 +114,9 @@ def _optimize_wave(model, tok, groups, contexts, layer_module, policy, seed, met
             nll_start, nll_last, margin_last = nll_now.clone(), nll_now.clone(), margin_now.clone()
         nll_last[active.cpu()] = nll_now[active.cpu()]
         margin_last[active.cpu()] = margin_now[active.cpu()]
-        stop = torch.tensor([reached_stop(float(n), float(m), policy) for n, m in zip(nll_now, margin_now)],
-                            device=device)
+        streak = torch.where(torch.tensor([reached_stop(float(n), float(m), policy)
+                                           for n, m in zip(nll_now, margin_now)]), streak + 1, 0)
+        stop = (streak >= torch.tensor([stop_after(float(n), policy) for n in nll_now])).to(device)
         active = active & ~stop & (steps.to(device) < budget)
         if not bool(active.any()):
             break

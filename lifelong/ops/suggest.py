@@ -5,7 +5,8 @@ keys and the residual stream at those layers (`edit.calibration.measure`), and c
 reference policy (the shipped SmolLM2-135M one) over with `edit.calibration`'s rules. The
 file it writes opens with a header that says how each value was derived; `lifelong init
 --policy FILE` takes it unchanged. With `check`, a fresh store in a temporary folder takes
-two batches of the user's facts and their efficacy, neighbors and drift are reported.
+two batches of the user's facts and their efficacy, neighbors and drift are reported; the
+first batch also calibrates the value step (`calibration.calibrated_step`).
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def suggest(model: str, facts, out=None, n: int = 20, layers: list[int] | None =
     known-facts format or a fact file), write it to `out` (if given) and return the
     derivation. layers: skip tracing and edit these. corpus: a text file for C₀ (else the
     model samples its own text). check: push that many facts of `check_facts` (two batches)
-    into a temporary store made with the policy and report what they did."""
+    into a temporary store made with the policy and report what they did; the step is then
+    the one calibrated on the first batch, if it moved."""
     if check and check_facts is None:
         raise BadInput("--check needs --check-facts: a fact file to push", hint="e.g. --check-facts dev.jsonl")
     if check and check < 2:
@@ -93,42 +95,56 @@ def suggest(model: str, facts, out=None, n: int = 20, layers: list[int] | None =
     prompts = [(e.ids, e.last) for e in encoded]                  # (prompt ids, last subject position)
     names = [module_name(template, x) for x in layers]
     m = calibration.measure(lm, names, [layer_name(template, x) for x in layers], layers, prompts, seqs)
-    policy, header = _derive(model, lm, template, layers, m, trace, len(prompts))
-    data = _file_data(policy)
-    text = header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    desc = _describe(lm)
+    del lm
+    policy, header = _derive(model, desc, template, layers, m, trace, len(prompts))
+    check_result = None
+    if check:
+        check_result = self_check(model, _text(policy, header), check_rows, corpus, policy.values.step_size, log)
+        if check_result["calibrated_step"] is not None:
+            policy, header = _derive(model, desc, template, layers, m, trace, len(prompts), check_result)
+    data, text = _file_data(policy), _text(policy, header)
     result = {"model": model, "layers": layers, "module_template": template, "traced": len(known),
               "measured_facts": len(prompts),
               "checked": checked, "measured": _measured_dict(m), "policy": data,
-              "trace": trace, "out": None, "check": None}
+              "trace": trace, "out": None, "check": check_result}
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text, encoding="utf-8")
         result["out"] = os.fsdecode(out)
         log(f"wrote {out}")
-    del lm
-    if check:
-        result["check"] = self_check(model, text, check_rows, corpus, log)
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["text"] = text
     return result
 
 
-def _derive(model: str, lm, template: str, layers: list[int], m: calibration.Measured, trace, n_facts: int):
-    """The suggested Policy and its header (comment lines)."""
+def _describe(lm) -> str:
+    """'Gemma3ForCausalLM, 18 layers, hidden 640'."""
+    cfg = lm.config
+    return (f"{cfg.architectures[0] if getattr(cfg, 'architectures', None) else type(lm).__name__}, "
+            f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}")
+
+
+def _text(policy, header: str) -> str:
+    return header + yaml.safe_dump(_file_data(policy), sort_keys=False, allow_unicode=True)
+
+
+def _derive(model: str, desc: str, template: str, layers: list[int], m: calibration.Measured, trace,
+            n_facts: int, checked: dict | None = None):
+    """The suggested Policy and its header (comment lines); `checked`: a self-check whose first
+    batch calibrated the step."""
     ref_pol = load_policy(find_policy(REFERENCE.model))
-    step = calibration.step_size_for(m.bulk_share)
+    bulk_step = float(f"{calibration.step_size_for(m.bulk_share):.3g}")
+    step = checked["calibrated_step"] if checked else bulk_step
     lam = calibration.mom2_weight_for(m.key_mahalanobis)
     thr = calibration.threshold_for(m.eigvals, REFERENCE.kept_energy)
-    cfg = lm.config
-    desc = (f"{cfg.architectures[0] if getattr(cfg, 'architectures', None) else type(lm).__name__}, "
-            f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}")
     name = Path(os.fsdecode(model)).stem if os.sep in model or model.endswith(".gguf") else model
     policy = ref_pol.with_overrides(
         name=name, model=f"{model} ({desc})",
         source=f"lifelong policy suggest ({time.strftime('%Y-%m-%d')}): {REFERENCE.model}'s checked policy "
                "carried over by the rules in lifelong/edit/calibration.py (header)",
         module_template=template, layers=layers,
-        values={"step_size": float(f"{step:.3g}")},
+        values={"step_size": step},
         update={"mom2_weight": float(f"{lam:.3g}")},
         preserved={"nullspace_threshold": float(f"{thr:.3g}")})
     where = (f"the {len(layers)} consecutive layers with the largest MLP indirect effect at\n  the last "
@@ -139,9 +155,13 @@ def _derive(model: str, lm, template: str, layers: list[int], m: calibration.Mea
         f"{REFERENCE.model}'s (tuned on CounterFact dev facts) unless this header says how it was carried over;",
         f"measured on {m.tokens} text tokens and the subjects of {n_facts} facts at layers {layers[0]}-{layers[-1]}.",
         f"- layers {layers}: {where}.",
-        f"- values.step_size {policy.values.step_size:g} = {REFERENCE.step_size:g} x bulk share {m.bulk_share:.3f} / "
+        f"- values.step_size {bulk_step:g} = {REFERENCE.step_size:g} x bulk share {m.bulk_share:.3f} / "
         f"{REFERENCE.bulk_share:.3f}: the share of |h| outside the {m.massive_channels} massive channel(s)",
         f"  (RMS >= {calibration.MASSIVE:g}x the median channel's) at layer {layers[-1]}, |h| {m.h_norm:.0f}.",
+        *([f"  Calibrated to {step:g}: at {bulk_step:g} the check's first batch took {checked['value_steps']:.2f} "
+           f"steps per value,", f"  the reference {REFERENCE.value_steps:g}; {step:g} = {bulk_step:g} x "
+           f"{checked['value_steps']:.2f} / {REFERENCE.value_steps:g} gives values the reference's granularity."]
+          if checked else []),
         f"- update.mom2_weight {policy.update.mom2_weight:g} = {REFERENCE.mom2_weight:g} x median k^T C0^-1 k "
         f"{m.key_mahalanobis:.0f} / {REFERENCE.key_mahalanobis:.0f}:",
         "  a lone edit key is written with the same share m/(m+lambda) as on the reference.",
@@ -170,15 +190,18 @@ def _measured_dict(m: calibration.Measured) -> dict:
             "min_eig": {str(x): float(np.min(ev)) for x, ev in m.eigvals.items()}}
 
 
-def self_check(model: str, policy_text: str, facts: list, corpus, log=quiet) -> dict:
+def self_check(model: str, policy_text: str, facts: list, corpus, step: float, log=quiet) -> dict:
     """Init a store with the policy in a temporary folder and push `facts` in two batches:
-    each batch's efficacy, neighbors unchanged and perplexity drift."""
+    each batch's efficacy, neighbors unchanged and perplexity drift. When the first batch's
+    values take more or fewer steps than the reference's (`calibration.calibrated_step`),
+    the store goes back to its base and both batches are pushed with the calibrated step."""
     from lifelong.ops.init import init
     from lifelong.ops.push import push
+    from lifelong.ops.rollback import rollback
 
     half = len(facts) // 2
     batches = [facts[:half], facts[half:]]
-    rows = []
+    rows, overrides, result = [], {}, {"step": step, "value_steps": None, "calibrated_step": None}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pol_file = tmp / "policy.yaml"
@@ -186,16 +209,30 @@ def self_check(model: str, policy_text: str, facts: list, corpus, log=quiet) -> 
         log("check: init a temporary store with the suggested policy")
         store = init(tmp / "check.h5", model=model, policy=str(pol_file),
                      corpus=os.fsdecode(corpus) if corpus is not None else None, log=log)
+        paths = []
         for i, batch in enumerate(batches, 1):
-            path = tmp / f"check{i}.jsonl"
-            path.write_text("".join(json.dumps({k: v for k, v in f.to_dict().items() if k != "line"}) + "\n"
-                                    for f in batch), encoding="utf-8")
-            rep = push(store.path, path, log=log)
+            paths.append(tmp / f"check{i}.jsonl")
+            paths[-1].write_text("".join(json.dumps({k: v for k, v in f.to_dict().items() if k != "line"}) + "\n"
+                                         for f in batch), encoding="utf-8")
+        i = 0
+        while i < len(paths):
+            rep = push(store.path, paths[i], log=log, policy_overrides=overrides)
+            if i == 0 and result["value_steps"] is None:
+                result["value_steps"] = sum(g["steps"] for g in rep.groups) / len(rep.groups)
+                new = calibration.calibrated_step(step, result["value_steps"])
+                if new is not None:
+                    new = float(f"{new:.3g}")
+                    log(f"check: values took {result['value_steps']:.2f} steps on average, the reference "
+                        f"{REFERENCE.value_steps:g}; step {step:g} -> {new:g}, both batches again from the base")
+                    result["calibrated_step"], overrides = new, {"values": {"step_size": new}}
+                    rollback(store.path, 0)
+                    continue
             s = rep.summary
-            rows.append({"batch": i, "facts": len(batch), "efficacy": s["efficacy"],
+            rows.append({"batch": i + 1, "facts": len(batches[i]), "efficacy": s["efficacy"],
                          "neighbors_unchanged": s["neighbors_unchanged"], "perplexity_drift": s["perplexity_drift"]})
             log(check_line(rows[-1]))
-    return {"batches": rows}
+            i += 1
+    return {**result, "batches": rows}
 
 
 def check_line(row: dict) -> str:
