@@ -69,8 +69,9 @@ def fresh_store(work: Path, name: str, init_over: dict, model: str = "smollm2-13
     return store
 
 
-def measure(store: Path, wiki: list[list[int]] | None, base_ppl: dict) -> tuple[dict, list[list[int]]]:
-    """Bare strict metrics of every live fact and both perplexity drifts, at head."""
+def measure(store: Path, wiki: list[list[int]] | None, base_ppl: dict, pick=None) -> tuple[dict, list[list[int]]]:
+    """Bare strict metrics of every live fact (or of those pick(facts, origin) indexes) and both
+    perplexity drifts, at head."""
     from lifelong.api import live_facts
     from lifelong.eval.scoring import base_neighbors, score_facts, summarize
     from lifelong.eval.metrics import perplexity
@@ -82,6 +83,9 @@ def measure(store: Path, wiki: list[list[int]] | None, base_ppl: dict) -> tuple[
     if wiki is None:
         wiki = wikitext_test_chunks(s.tok, 64)
     facts, origin = live_facts(st)
+    if pick is not None:
+        idx = pick(facts, origin)
+        facts, origin = [facts[i] for i in idx], [origin[i] for i in idx]
     with s.weights(s.base()):
         base_answers = base_neighbors(s.model, s.tok, facts)
         if not base_ppl:

@@ -73,3 +73,38 @@ def test_quick_reads_report_the_slope_per_100_edits():
                                        "short": {"rows": rows[:2], "base": "b"}})
     assert "| long | b | 100, 200, 300 | +3.0% | -5.0% |" in table
     assert not any(line.startswith("| short") for line in table)
+
+
+def test_the_long_horizon_run_resumes_where_a_kill_left_it(tiny_llama_dir, tiny_policy_factory, tmp_path):
+    """Rows after every batch, evaluations every --every batches on a sample that keeps batch 1;
+    started again it measures what a kill left unmeasured and goes on from the store's last batch."""
+    import json
+
+    import long_horizon
+
+    out, work = tmp_path / "lh.md", tmp_path / "work"
+    args = ["tiny", "--size", "2", "--every", "2", "--sample", "3", "--model", str(tiny_llama_dir),
+            "--policy", str(tiny_policy_factory("llama")), "--work", str(work), "--out", str(out)]
+    long_horizon.main(args + ["--batches", "2"])
+    rows = json.loads(out.with_suffix(".json").read_text())["tiny"]["rows"]
+    assert [r["edits"] for r in rows] == [2, 4] and "efficacy" not in rows[0] and "efficacy" in rows[1]
+    assert "| tiny |" in out.read_text() and out.with_suffix(".png").exists()
+    data = json.loads(out.with_suffix(".json").read_text())
+    data["tiny"]["rows"].pop()                            # killed after batch 2 landed, before its row was saved
+    out.with_suffix(".json").write_text(json.dumps(data))
+    long_horizon.main(args + ["--batches", "3"])
+    rows = json.loads(out.with_suffix(".json").read_text())["tiny"]["rows"]
+    assert [r["edits"] for r in rows] == [2, 4, 6]
+    assert rows[1]["push_seconds"] is None and "efficacy" in rows[1] and "efficacy" in rows[2]
+    assert long_horizon.landed(work / "tiny.h5") == 3
+    with pytest.raises(SystemExit, match="holds 3 batches of another run"):
+        long_horizon.main(args + ["--batches", "4", "--push", '{"stop_patience": 2}'])
+
+
+def test_the_long_horizon_sample_keeps_batch_one_and_draws_the_same_rest():
+    import long_horizon
+
+    pick = long_horizon.sampler(5)
+    origin = [1, 1, 2, 2, 2, 3, 3, 3, 3]
+    idx = pick(None, origin)
+    assert idx[:2] == [0, 1] and len(idx) == 5 and idx == pick(None, origin)
