@@ -31,3 +31,22 @@ def test_second_moments_equal_a_float64_reference_per_token(tiny_llama_dir):
         ref = want[n] / count
         assert got[n].dtype == torch.float64
         assert torch.allclose(got[n], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_sampled_text_comes_in_even_batches_of_the_asked_size(tiny_llama_dir, monkeypatch):
+    """Sampling in one batch or several gives as many sequences, each opener plus `length`
+    tokens, and the same ones again for the same seed."""
+    from lifelong.model import corpus
+    from lifelong.model.loading import load_model, resolve_model
+
+    model, tok = load_model(resolve_model(str(tiny_llama_dir)), log=lambda *a: None)
+    calls = []
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape[0]) or real(*a, **k))
+    monkeypatch.setattr(corpus, "SAMPLE_BATCH", 4)
+    seqs = corpus.sample_sequences(model, tok, 7, 3, seed=1)
+    assert set(calls) == {4, 3}                              # 7 rows at most 4 at once: 4 and 3
+    assert len(seqs) == 7
+    firsts = [tok(o, add_special_tokens=True)["input_ids"] for o in corpus.OPENERS[:7]]
+    assert [len(s) - len(f) for s, f in zip(seqs, firsts)] == [3] * 7
+    assert corpus.sample_sequences(model, tok, 7, 3, seed=1) == seqs

