@@ -296,6 +296,13 @@ class Experiment(BaseModel):
         "(ENCORE's Frobenius term, in units of C₀'s mean eigenvalue), which bounds ‖Δ‖ most "
         "where C₀ leaves keys room. 0: off.",
     )
+    repair_weight: float = Field(
+        0.0, ge=0,
+        description="μ of the MEMIT-style update: adds μ·tr((D + Δ) E[kkᵀ] (D + Δ)ᵀ) to its "
+        "objective, D the change earlier batches left in the matrix, so each push also pulls the "
+        "preserved keys' outputs back toward the base model's (LyapLock's repair term, with a "
+        "fixed weight; dimensionless like mom2_weight). 0: off.",
+    )
 
 
 class Policy(BaseModel):
@@ -473,7 +480,7 @@ FLAT: list[tuple[str, tuple[str, ...]]] = [
     ("clamp_norm_factor", ("values", "clamp_norm_factor")), ("kl_factor", ("values", "kl_factor")),
     ("weight_decay", ("values", "weight_decay")), ("early_stop_loss", ("values", "early_stop_loss")),
     ("stop_margin", ("experiment", "stop_margin")), ("stop_patience", ("experiment", "stop_patience")),
-    ("frobenius_weight", ("experiment", "frobenius_weight")),
+    ("frobenius_weight", ("experiment", "frobenius_weight")), ("repair_weight", ("experiment", "repair_weight")),
     ("align", ("alignment", "enabled")), ("tau", ("alignment", "tau")), ("top_m", ("alignment", "top_m")),
     ("lambda_kl", ("alignment", "lambda_kl")), ("lambda_mse", ("alignment", "lambda_mse")),
     ("merge_same_subject", ("merging", "same_subject")),

@@ -135,6 +135,26 @@ def test_the_frobenius_term_adds_lambda_f_times_the_mean_eigenvalue_and_shortens
     assert delta.norm() < (A0.double() @ B0.double()).norm()
 
 
+def test_the_repair_term_solves_its_normal_equations_and_pulls_the_drift_back():
+    """Δ (λC₀ + μC₀ + KKᵀ) = RKᵀ − μ D C₀: with an earlier change D in the matrix, the preserved
+    keys' outputs end nearer the base model's than D left them, and the edit is still written."""
+    _, mom2 = _preserved()
+    C0 = mom2.double()
+    g = torch.Generator().manual_seed(6)
+    K, R = torch.randn(D_IN, 3, generator=g), torch.randn(D_OUT, 3, generator=g)
+    D = 0.3 * torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64)
+    A, B = memit_update(R, K, mom2, weight=1e-3, drift=D, repair=1.0)
+    assert A.shape == (D_OUT, 3 + D_OUT) and B.shape == (3 + D_OUT, D_IN)
+    delta = A.double() @ B.double()
+    M = (1e-3 + 1.0) * C0 + K.double() @ K.double().t()
+    assert torch.allclose(delta @ M, R.double() @ K.double().t() - D @ C0, atol=1e-4)
+    leak = lambda W: float(torch.trace(W @ C0 @ W.t()))       # noqa: E731
+    assert leak(D + delta) < 0.5 * leak(D)
+    plain = memit_update(R, K, mom2, weight=1e-3, drift=D)     # repair 0: the update without a pull
+    assert plain[0].shape == (D_OUT, 3)
+    assert (delta @ K.double() - R.double()).norm() < 0.5 * R.double().norm()
+
+
 def test_memit_holding_earlier_keys_approaches_the_least_leak_exact_write():
     """hold_earlier: K_pK_pᵀ in MEMIT's solve. For a small λ the update writes R on K, keeps
     K_p's outputs, and among all such updates changes preserved outputs least: its limit is

@@ -42,6 +42,7 @@ class LayerContext:
     P: torch.Tensor | None          # (d_in, d_in) projector (None: projection off)
     mom2: torch.Tensor | None       # (d_in, d_in) E[kkᵀ]: MEMIT update, or projected with preserve_weight
     KpKpT: torch.Tensor | None      # (d_in, d_in) Σ k kᵀ over live earlier groups (projected, or hold_earlier)
+    drift: torch.Tensor | None = None   # (d_out, d_in) float64 head − base: what the repair term pulls back
 
 
 @dataclass
@@ -173,7 +174,7 @@ def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, lay
                 A, B = projected_update(R, K.t(), ctx.P, ctx.KpKpT, policy.update.alpha, ctx.mom2, policy.experiment.preserve_weight)
             else:
                 A, B = memit_update(R, K.t(), ctx.mom2, policy.update.mom2_weight, ctx.KpKpT,
-                                    policy.experiment.frobenius_weight)
+                                    policy.experiment.frobenius_weight, ctx.drift, policy.experiment.repair_weight)
             check_finite(f"update of layer {layer}", A)
             check_finite(f"update of layer {layer}", B)
             write_matrix(modules[layer], materialize(read_matrix(modules[layer]), [(A, B)]))

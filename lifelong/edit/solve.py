@@ -40,20 +40,33 @@ def projected_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
 
 def memit_update(R: torch.Tensor, K: torch.Tensor, mom2: torch.Tensor,
                  weight: float, KpKpT: torch.Tensor | None = None,
-                 frobenius: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 frobenius: float = 0.0, drift: torch.Tensor | None = None,
+                 repair: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """MEMIT factors against the mean second moment C₀ with ridge weight λ; with KpKpT,
     earlier edits' keys enter the solve too and are held in place. frobenius λ_F adds
-    λ_F·(tr C₀/d)·I: the objective gains λ_F·(tr C₀/d)·‖Δ‖² (ENCORE)."""
+    λ_F·(tr C₀/d)·I: the objective gains λ_F·(tr C₀/d)·‖Δ‖² (ENCORE).
+
+    repair μ with drift D (d_out, d_in), the change earlier batches left in this matrix:
+    the objective gains μ·tr((D + Δ) C₀ (D + Δ)ᵀ), how far the preserved keys' outputs then
+    are from the base model's (LyapLock's pull back to the base), so
+    Δ (λC₀ + μC₀ + KKᵀ + K_pK_pᵀ) = R Kᵀ − μ D C₀. The pull is a full-width matrix Y: the
+    factors are A = [R, I] (d_out, n + d_out) and B = [Xᵀ; Y] (n + d_out, d_in)."""
     K64 = K.to(mom2.device, torch.float64)
     C0 = mom2.to(torch.float64)
-    M = weight * C0 + K64 @ K64.t()                                  # (d_in, d_in)
+    pull = repair > 0 and drift is not None
+    M = (weight + (repair if pull else 0.0)) * C0 + K64 @ K64.t()    # (d_in, d_in)
+    if KpKpT is not None:
+        M = M + KpKpT.to(mom2.device, torch.float64)
     if frobenius > 0:
         d = C0.shape[0]
         M = M + frobenius * (torch.trace(C0) / d) * torch.eye(d, dtype=torch.float64, device=C0.device)
-    if KpKpT is not None:
-        M = M + KpKpT.to(mom2.device, torch.float64)
-    X = _solve(M, K64)                                               # (d_in, n)
-    return R.to(torch.float32).clone(), X.t().to(torch.float32).contiguous()
+    if not pull:
+        X = _solve(M, K64)                                           # (d_in, n)
+        return R.to(torch.float32).clone(), X.t().to(torch.float32).contiguous()
+    D = drift.to(mom2.device, torch.float64)                         # (d_out, d_in)
+    XY = _solve(M, torch.cat([K64, -repair * (C0 @ D.t())], dim=1))  # (d_in, n + d_out); M, C₀ symmetric
+    A = torch.cat([R.to(torch.float32), torch.eye(D.shape[0], dtype=torch.float32, device=R.device)], dim=1)
+    return A, XY.t().to(torch.float32).contiguous()
 
 
 def _solve(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,8 @@ class EditInputs:
                 P=torch.from_numpy(P).to(device) if P is not None else None,
                 mom2=torch.from_numpy(mom2).to(device) if mom2 is not None else None,
                 KpKpT=KpKpT,
+                drift=((self.head64[l] - self.base[l].double()).to(device)
+                       if policy.experiment.repair_weight > 0 and not policy.update.project else None),
             )
         d_out, d_in = self.base[policy.layers[-1]].shape
         bank = ResidualBank.empty(d_in, d_out)
