@@ -50,3 +50,23 @@ def test_sampled_text_comes_in_even_batches_of_the_asked_size(tiny_llama_dir, mo
     firsts = [tok(o, add_special_tokens=True)["input_ids"] for o in corpus.OPENERS[:7]]
     assert [len(s) - len(f) for s, f in zip(seqs, firsts)] == [3] * 7
     assert corpus.sample_sequences(model, tok, 7, 3, seed=1) == seqs
+
+
+def test_second_moments_read_off_sampling_equal_a_pass_over_the_sampled_text(tiny_llama_dir):
+    """init without a corpus reads C₀ off the sampling passes (KV cache, one token per step):
+    the same E[kkᵀ] as a full pass over the sampled sequences without their last token, which
+    the sampler never feeds back."""
+    from lifelong.edit.stats import Moments, second_moments
+    from lifelong.model.corpus import sample_sequences
+    from lifelong.model.hooks import hooks
+    from lifelong.model.loading import load_model, resolve_model
+
+    model, tok = load_model(resolve_model(str(tiny_llama_dir)), log=lambda *a: None)
+    names = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    acc = Moments(names)
+    with hooks(model, acc.spec()):
+        seqs = sample_sequences(model, tok, 5, 6, seed=3, batch=3, on_step=acc.feed)
+    full, count = second_moments(model, names, [s[:-1] for s in seqs])
+    assert acc.count == count == sum(len(s) - 1 for s in seqs)
+    for n in names:
+        assert torch.allclose(acc.means()[n], full[n], rtol=1e-4, atol=1e-6 * float(full[n].abs().max()))

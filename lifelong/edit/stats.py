@@ -27,38 +27,56 @@ class Projector:
     kept_energy: float      # fraction of trace(C₀) inside the kept directions
 
 
+class Moments:
+    """Running Σ k kᵀ at the input of each named module, over the tokens the current mask
+    marks real: each batch's product in float32, the sum in float64. Hooks registered with
+    `spec` read every forward pass; `feed(mask)` names the real tokens of the next one."""
+
+    def __init__(self, module_names: list[str]):
+        self.names = module_names
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.mask: torch.Tensor | None = None
+
+    def feed(self, mask: torch.Tensor) -> None:
+        """mask (n, T): 1 where the next forward's input token is real."""
+        self.mask = mask
+        self.count += int(mask.sum())
+
+    def spec(self, stop_at_last: bool = False) -> dict:
+        """hooks() spec; stop_at_last ends each pass at the last module (nothing above is read)."""
+        def make(name, last):
+            def pre(_module, args):
+                x = args[0][self.mask.bool()].to(torch.float32)       # (tokens, d_in): the real tokens
+                acc = (x.t() @ x).to(torch.float64)                   # float32 within a batch, summed in float64
+                self.sums[name] = acc.cpu() if name not in self.sums else self.sums[name] + acc.cpu()
+                if last:
+                    raise _Stop
+            return pre
+
+        return {n: ("pre", make(n, stop_at_last and i == len(self.names) - 1)) for i, n in enumerate(self.names)}
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """E[k kᵀ] per module."""
+        return {n: s / max(self.count, 1) for n, s in self.sums.items()}
+
+
 @torch.no_grad()
 def second_moments(model, module_names: list[str], seqs: list[list[int]], batch: int = 8,
                    progress=None) -> tuple[dict[str, torch.Tensor], int]:
     """E[k kᵀ] at the input of each module over all tokens of seqs; passes stop at the last module."""
     device = next(model.parameters()).device
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    state = {"mask": None}
-
-    def make(name, last):
-        def pre(_module, args):
-            x = args[0][state["mask"].bool()].to(torch.float32)   # (tokens, d_in): the real tokens
-            acc = (x.t() @ x).to(torch.float64)                   # (d_in, d_in): float32 within a batch, summed in float64
-            sums[name] = acc.cpu() if name not in sums else sums[name] + acc.cpu()
-            if last:
-                raise _Stop
-
-        return pre
-
-    spec = {n: ("pre", make(n, i == len(module_names) - 1)) for i, n in enumerate(module_names)}
-    with hooks(model, spec):
+    acc = Moments(module_names)
+    with hooks(model, acc.spec(stop_at_last=True)):
         for ids, mask in padded_batches(seqs, batch, device):
-            state["mask"] = mask
+            acc.feed(mask)
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             except _Stop:
                 pass
-            n_tok = int(mask.sum())
-            count += n_tok
             if progress is not None:
-                progress(n_tok)
-    return {n: s / max(count, 1) for n, s in sums.items()}, count
+                progress(int(mask.sum()))
+    return acc.means(), acc.count
 
 
 def projector(mom2: torch.Tensor, threshold: float) -> Projector:

@@ -94,10 +94,12 @@ def chunk_tokens(tok, texts: list[str], n_tokens: int, seq_len: int = 128) -> li
 
 @torch.no_grad()
 def sample_sequences(model, tok, n_seq: int, length: int, seed: int, top_k: int = 50,
-                     batch: int | None = None, progress=None) -> list[list[int]]:
+                     batch: int | None = None, progress=None, on_step=None) -> list[list[int]]:
     """n_seq sampled continuations of OPENERS, `length` new tokens each, in batches of at most
     SAMPLE_BATCH of even size (a step costs little more for 157 rows than for 32 on a CPU:
-    init's 20k tokens sample 1.45x faster in one batch than in batches of 32)."""
+    init's 20k tokens sample 1.45x faster in one batch than in batches of 32).
+    on_step(mask): called before each forward with (rows, tokens) 1 where its input is real,
+    so hooks can read every token the model sees (all but each sequence's last)."""
     if batch is None:
         batch = math.ceil(n_seq / math.ceil(n_seq / SAMPLE_BATCH)) if n_seq else 1
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -118,6 +120,8 @@ def sample_sequences(model, tok, n_seq: int, length: int, seed: int, top_k: int 
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         step_ids, new = ids, []
         for _ in range(length):
+            if on_step is not None:
+                on_step(mask if step_ids is ids else torch.ones_like(step_ids))
             res = model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
                         use_cache=True, **{cache_kwarg(model): past})
             past = cache_of(res)

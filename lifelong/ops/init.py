@@ -1,7 +1,7 @@
 """`lifelong init`: a store for a base model, with the statistics every later edit needs.
 
-Reads (or samples) preserved-knowledge text, estimates per edited layer C₀ = E[kkᵀ] and its
-null-space projector, and with value_metric fisher the residual Fisher; samples the MEMIT
+Reads (or samples) preserved-knowledge text, estimates per edited layer C₀ = E[kkᵀ] (from
+sampled text, during the sampling passes themselves) and its null-space projector, and with value_metric fisher the residual Fisher; samples the MEMIT
 contexts, the evaluation prefixes and the held-out text; then creates the store in one step.
 """
 from __future__ import annotations
@@ -12,10 +12,11 @@ from pathlib import Path
 
 from lifelong.deltas import fingerprint
 from lifelong.edit.fisher import residual_fisher
-from lifelong.edit.stats import projector, second_moments
+from lifelong.edit.stats import Moments, projector, second_moments
 from lifelong.errors import BadInput, StoreExists
 from lifelong.eval.scoring import eval_prefixes
 from lifelong.model.corpus import chunk_tokens, context_templates, read_corpus, sample_sequences
+from lifelong.model.hooks import hooks
 from lifelong.model.loading import BUILTIN_MODELS, DEFAULT_MODEL, load_model, resolve_model
 from lifelong.model.weights import get_module, read_matrix
 from lifelong.ops import quiet
@@ -63,14 +64,18 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
     if corpus is not None:
         seqs = chunk_tokens(tok, texts, pol.preserved.corpus_tokens, SEQ_LEN)
         corpus_desc = f"file {corpus}"
+        log(f"second moments over {sum(len(s) for s in seqs)} tokens at {len(names)} layers")
+        moments, counted = second_moments(net, names, seqs, progress=progress and progress("stats"))
     else:
         n_seq = math.ceil((pol.preserved.sampled_tokens or pol.preserved.corpus_tokens) / SEQ_LEN)
-        log(f"sampling {n_seq * SEQ_LEN} tokens of text from the model for the preserved statistics")
-        seqs = sample_sequences(net, tok, n_seq, SEQ_LEN, seed=seed, progress=progress and progress("sample"))
+        log(f"sampling {n_seq * SEQ_LEN} tokens of text from the model for the preserved statistics, "
+            f"with their second moments at {len(names)} layers")
+        acc = Moments(names)              # C₀ read off the sampling passes: no second pass over the text
+        with hooks(net, acc.spec()):
+            seqs = sample_sequences(net, tok, n_seq, SEQ_LEN, seed=seed, progress=progress and progress("sample"),
+                                    on_step=acc.feed)
+        moments, counted = acc.means(), acc.count
         corpus_desc = "model-sampled text"
-    n_tokens = sum(len(s) for s in seqs)
-    log(f"second moments over {n_tokens} tokens at {len(names)} layers")
-    moments, counted = second_moments(net, names, seqs, progress=progress and progress("stats"))
     arrays, layer_info = {}, {}
     for l, n in zip(pol.layers, names):
         proj = projector(moments[n], pol.preserved.nullspace_threshold)
