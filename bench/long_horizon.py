@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from quality import counterfact_batches, write_batch
-from quality_quick import describe, fresh_store, measure, slope
+from quality_quick import describe, fresh_store, measure, run_arguments, slope
 
 REPORTS = Path(__file__).parent / "reports"
 METRICS = [("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("neighbors_unchanged", "neighbors unchanged"),
@@ -189,18 +189,9 @@ def plot(results: dict, png: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name")
-    ap.add_argument("--push", default="{}", help="push-time policy overrides (JSON)")
-    ap.add_argument("--init", default="{}", help="init-time policy overrides (JSON)")
-    ap.add_argument("--batches", type=int, default=40)
-    ap.add_argument("--size", type=int, default=50, help="facts per batch")
+    run_arguments(ap, batches=40, work="bench/work/long_horizon", out=REPORTS / "long_horizon.md")
     ap.add_argument("--every", type=int, default=5, help="evaluate every this many batches (and after the last)")
     ap.add_argument("--sample", type=int, default=400, help="live facts scored per evaluation")
-    ap.add_argument("--model", default="smollm2-135m", help="a built-in model (or a model directory with --policy)")
-    ap.add_argument("--policy", default=None, help="a policy file (default: the model's shipped one)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work", default="bench/work/long_horizon")
-    ap.add_argument("--out", default=str(REPORTS / "long_horizon.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     run(args)

@@ -155,18 +155,23 @@ def slope_table(results: dict, min_edits: int = 300) -> list[str]:
     return lines
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(ap: argparse.ArgumentParser, batches: int, work: str, out: Path) -> None:
+    """The arguments of a run of sequential CounterFact batches (this script's and long_horizon's)."""
     ap.add_argument("name")
     ap.add_argument("--push", default="{}", help="push-time policy overrides (JSON)")
     ap.add_argument("--init", default="{}", help="init-time policy overrides (JSON), e.g. layers")
-    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=batches)
     ap.add_argument("--size", type=int, default=50, help="facts per batch")
-    ap.add_argument("--model", default="smollm2-135m", help="a built-in model")
+    ap.add_argument("--model", default="smollm2-135m", help="a built-in model (or a model directory with --policy)")
     ap.add_argument("--policy", default=None, help="a policy file (default: the model's shipped one)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work", default="bench/work/quality_quick")
-    ap.add_argument("--out", default=str(REPORTS / "quality_quick.md"))
+    ap.add_argument("--work", default=work)
+    ap.add_argument("--out", default=str(out))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    run_arguments(ap, batches=4, work="bench/work/quality_quick", out=REPORTS / "quality_quick.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from lifelong import api
