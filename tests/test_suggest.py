@@ -154,5 +154,5 @@ def test_a_step_off_the_reference_s_granularity_is_calibrated_and_both_batches_r
     assert new is not None and new != check["step"]
     assert new == pytest.approx(calibration.calibrated_step(check["step"], check["value_steps"]), rel=1e-2)
     assert load_policy(out).values.step_size == new
-    assert f"Calibrated to {new:g}" in out.read_text()
+    assert f"Calibrated to {new:g}" in out.read_text() and "Checked on 2 of your facts" in out.read_text()
     assert [r["batch"] for r in check["batches"]] == [1, 2]   # the first batch's first push is not reported

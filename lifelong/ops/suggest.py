@@ -101,8 +101,7 @@ def suggest(model: str, facts, out=None, n: int = 20, layers: list[int] | None =
     check_result = None
     if check:
         check_result = self_check(model, _text(policy, header), check_rows, corpus, policy.values.step_size, log)
-        if check_result["calibrated_step"] is not None:
-            policy, header = _derive(model, desc, template, layers, m, trace, len(prompts), check_result)
+        policy, header = _derive(model, desc, template, layers, m, trace, len(prompts), check_result)
     data, text = _file_data(policy), _text(policy, header)
     result = {"model": model, "layers": layers, "module_template": template, "traced": len(known),
               "measured_facts": len(prompts),
@@ -131,11 +130,12 @@ def _text(policy, header: str) -> str:
 
 def _derive(model: str, desc: str, template: str, layers: list[int], m: calibration.Measured, trace,
             n_facts: int, checked: dict | None = None):
-    """The suggested Policy and its header (comment lines); `checked`: a self-check whose first
-    batch calibrated the step."""
+    """The suggested Policy and its header (comment lines); `checked`: the self-check, whose
+    first batch may have calibrated the step."""
     ref_pol = load_policy(find_policy(REFERENCE.model))
     bulk_step = float(f"{calibration.step_size_for(m.bulk_share):.3g}")
-    step = checked["calibrated_step"] if checked else bulk_step
+    calibrated = checked["calibrated_step"] if checked else None
+    step = calibrated or bulk_step
     lam = calibration.mom2_weight_for(m.key_mahalanobis)
     thr = calibration.threshold_for(m.eigvals, REFERENCE.kept_energy)
     name = Path(os.fsdecode(model)).stem if os.sep in model or model.endswith(".gguf") else model
@@ -161,7 +161,7 @@ def _derive(model: str, desc: str, template: str, layers: list[int], m: calibrat
         *([f"  Calibrated to {step:g}: at {bulk_step:g} the check's first batch took {checked['value_steps']:.2f} "
            f"steps per value,", f"  the reference {REFERENCE.value_steps:g}; {step:g} = {bulk_step:g} x "
            f"{checked['value_steps']:.2f} / {REFERENCE.value_steps:g} gives values the reference's granularity."]
-          if checked else []),
+          if calibrated else []),
         f"- update.mom2_weight {policy.update.mom2_weight:g} = {REFERENCE.mom2_weight:g} x median k^T C0^-1 k "
         f"{m.key_mahalanobis:.0f} / {REFERENCE.key_mahalanobis:.0f}:",
         "  a lone edit key is written with the same share m/(m+lambda) as on the reference.",
@@ -169,7 +169,9 @@ def _derive(model: str, desc: str, template: str, layers: list[int], m: calibrat
         f"{REFERENCE.kept_energy:.1%} of tr(C0) at every layer,",
         f"  as {REFERENCE.threshold:g} does on the reference (used by update.project true; init needs one kept direction).",
         "- contexts, steps, clamp, KL, weight decay, alignment, merging, the room rule and gates: the reference's.",
-        "Check it on your own facts: lifelong policy suggest ... --check 20 --check-facts FILE.",
+        *([f"Checked on {sum(r['facts'] for r in checked['batches'])} of your facts in two batches:"]
+          + [f"  {check_line(r)}" for r in checked["batches"]] if checked else
+          ["Check it on your own facts: lifelong policy suggest ... --check 20 --check-facts FILE."]),
     ]
     return policy, "".join(f"# {line}\n" for text in lines for line in text.split("\n"))
 
