@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench bench-quality clean-demo
+.PHONY: setup demo test test-slow bench bench-quality bench-long clean-demo
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: setup
 # edit quality at 500 edits with ablations: minutes on a GPU, hours on this CPU; resumable
 bench-quality: setup
 	$(PY) bench/quality.py --scenarios counterfact,tuning,same_subject,supersession --jobs $${JOBS:-1}
+
+# 2000 edits (40 x 50) with the shipped policy, evaluated every 5 batches: hours on this CPU; resumable
+bench-long: setup
+	$(PY) bench/long_horizon.py shipped
 
 clean-demo:
 	rm -rf stores/demo.h5 stores/demo.h5.d stores/demo.h5.lock

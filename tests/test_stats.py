@@ -3,6 +3,7 @@ is left out, uneven sequences weigh per token, and the float32 batch products lo
 that matters."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lifelong.edit.stats import second_moments
@@ -70,3 +71,11 @@ def test_second_moments_read_off_sampling_equal_a_pass_over_the_sampled_text(tin
     assert acc.count == count == sum(len(s) - 1 for s in seqs)
     for n in names:
         assert torch.allclose(acc.means()[n], full[n], rtol=1e-4, atol=1e-6 * float(full[n].abs().max()))
+
+
+@pytest.mark.parametrize("d, blocks", [(7, 4), (64, 4), (10, 1), (3, 3)])
+def test_gram_from_upper_bands_is_xtx(d, blocks):
+    from lifelong.edit.stats import gram
+
+    x = torch.randn(50, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    assert torch.allclose(gram(x, blocks), x.t() @ x, rtol=1e-12, atol=1e-12)
