@@ -85,7 +85,7 @@ def run(args) -> None:
             rep = api.push(store, write_batch(work / f"{args.name}-b{i + 1}.jsonl", batches[i]),
                            policy_overrides=push_over)
             row = {"edits": edits, "push_seconds": round(time.perf_counter() - t, 1),
-                   "steps": sum(g["steps"] for g in rep.groups) / len(rep.groups),
+                   "steps": rep.mean_steps,
                    "written": sum(g.get("written", True) for g in rep.groups) / len(rep.groups)}
             entry["rows"].append(row)
         elif row is None:                              # landed, but a kill took its row

@@ -191,7 +191,7 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         rep = api.push(store, write_batch(work / f"{args.name}-b{i + 1}.jsonl", batch), policy_overrides=push_over)
         row = {"edits": args.size * (i + 1), "push_seconds": time.perf_counter() - t,
-               "steps": sum(g["steps"] for g in rep.groups) / len(rep.groups)}
+               "steps": rep.mean_steps}
         if (i + 1) % 2 == 0 or i + 1 == len(batches):
             m, wiki = measure(store, wiki, base_ppl)
             row.update(m)

@@ -8,7 +8,8 @@ MEMIT (projection off): Δ = R Kᵀ (λC₀ + KKᵀ)⁻¹; with the policy's hol
 Δ = R Kᵀ (λC₀ + KKᵀ + K_pK_pᵀ)⁻¹, whose limit for small λ is the update that writes R
 exactly, holds K_p exactly and changes the preserved keys' outputs least, tr(Δ C₀ Δᵀ).
 ENCORE's Frobenius term λ_F·(tr C₀/d)·I in the same solve bounds ‖Δ‖ itself.
-Both have rank ≤ n (the batch's write units, one per fact): A = R (d_out, n), B (n, d_in).
+Both have rank ≤ n (the batch's write units, one per fact): A = R (d_out, n), B (n, d_in);
+the repair term (LyapLock) adds a full-width part, n + d_out factor columns.
 """
 from __future__ import annotations
 

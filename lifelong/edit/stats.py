@@ -69,6 +69,10 @@ class Moments:
 
         return {n: ("pre", make(n, stop_at_last and i == len(self.names) - 1)) for i, n in enumerate(self.names)}
 
+    def reading(self, model, stop_at_last: bool = False):
+        """The hooks on `model` while the block runs (`hooks` context)."""
+        return hooks(model, self.spec(stop_at_last))
+
     def means(self) -> dict[str, torch.Tensor]:
         """E[k kᵀ] per module."""
         return {n: s / max(self.count, 1) for n, s in self.sums.items()}
@@ -80,7 +84,7 @@ def second_moments(model, module_names: list[str], seqs: list[list[int]], batch:
     """E[k kᵀ] at the input of each module over all tokens of seqs; passes stop at the last module."""
     device = next(model.parameters()).device
     acc = Moments(module_names)
-    with hooks(model, acc.spec(stop_at_last=True)):
+    with acc.reading(model, stop_at_last=True):
         for ids, mask in padded_batches(seqs, batch, device):
             acc.feed(mask)
             try:

@@ -1,8 +1,9 @@
 """`lifelong init`: a store for a base model, with the statistics every later edit needs.
 
 Reads (or samples) preserved-knowledge text, estimates per edited layer C₀ = E[kkᵀ] (from
-sampled text, during the sampling passes themselves) and its null-space projector, and with value_metric fisher the residual Fisher; samples the MEMIT
-contexts, the evaluation prefixes and the held-out text; then creates the store in one step.
+sampled text, during the sampling passes themselves) and its null-space projector, and with
+value_metric fisher the residual Fisher; samples the MEMIT contexts, the evaluation prefixes
+and the held-out text; then creates the store in one step.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from lifelong.edit.stats import Moments, projector, second_moments
 from lifelong.errors import BadInput, StoreExists
 from lifelong.eval.scoring import eval_prefixes
 from lifelong.model.corpus import chunk_tokens, context_templates, read_corpus, sample_sequences
-from lifelong.model.hooks import hooks
 from lifelong.model.loading import BUILTIN_MODELS, DEFAULT_MODEL, load_model, resolve_model
 from lifelong.model.weights import get_module, read_matrix
 from lifelong.ops import quiet
@@ -71,7 +71,7 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
         log(f"sampling {n_seq * SEQ_LEN} tokens of text from the model for the preserved statistics, "
             f"with their second moments at {len(names)} layers")
         acc = Moments(names)              # C₀ read off the sampling passes: no second pass over the text
-        with hooks(net, acc.spec()):
+        with acc.reading(net):
             seqs = sample_sequences(net, tok, n_seq, SEQ_LEN, seed=seed, progress=progress and progress("sample"),
                                     on_step=acc.feed)
         moments, counted = acc.means(), acc.count

@@ -41,6 +41,11 @@ class PushReport:
     warnings: list[str] = field(default_factory=list)
     budget: dict | None = None          # eval.budget.edit_budget after this batch
 
+    @property
+    def mean_steps(self) -> float:
+        """Optimization steps per value (group), averaged over the batch."""
+        return sum(g["steps"] for g in self.groups) / len(self.groups) if self.groups else 0.0
+
     def to_dict(self) -> dict:
         return {
             "batch": self.batch_id, "dry_run": self.dry_run, "summary": self.summary,

@@ -203,7 +203,7 @@ def self_check(model: str, policy_text: str, facts: list, corpus, step: float, l
 
     half = len(facts) // 2
     batches = [facts[:half], facts[half:]]
-    rows, overrides, result = [], {}, {"step": step, "value_steps": None, "calibrated_step": None}
+    rows, result = [], {"step": step, "value_steps": None, "calibrated_step": None}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pol_file = tmp / "policy.yaml"
@@ -216,25 +216,29 @@ def self_check(model: str, policy_text: str, facts: list, corpus, step: float, l
             paths.append(tmp / f"check{i}.jsonl")
             paths[-1].write_text("".join(json.dumps({k: v for k, v in f.to_dict().items() if k != "line"}) + "\n"
                                          for f in batch), encoding="utf-8")
-        i = 0
-        while i < len(paths):
-            rep = push(store.path, paths[i], log=log, policy_overrides=overrides)
-            if i == 0 and result["value_steps"] is None:
-                result["value_steps"] = sum(g["steps"] for g in rep.groups) / len(rep.groups)
-                new = calibration.calibrated_step(step, result["value_steps"])
-                if new is not None:
-                    new = float(f"{new:.3g}")
-                    log(f"check: values took {result['value_steps']:.2f} steps on average, the reference "
-                        f"{REFERENCE.value_steps:g}; step {step:g} -> {new:g}, both batches again from the base")
-                    result["calibrated_step"], overrides = new, {"values": {"step_size": new}}
-                    rollback(store.path, 0)
-                    continue
-            s = rep.summary
-            rows.append({"batch": i + 1, "facts": len(batches[i]), "efficacy": s["efficacy"],
-                         "neighbors_unchanged": s["neighbors_unchanged"], "perplexity_drift": s["perplexity_drift"]})
-            log(check_line(rows[-1]))
-            i += 1
+        first = push(store.path, paths[0], log=log)
+        result["value_steps"] = first.mean_steps
+        new = calibration.calibrated_step(step, first.mean_steps)
+        overrides = {}
+        if new is not None:
+            new = float(f"{new:.3g}")
+            log(f"check: values took {first.mean_steps:.2f} steps on average, the reference "
+                f"{REFERENCE.value_steps:g}; step {step:g} -> {new:g}, both batches again from the base")
+            result["calibrated_step"], overrides = new, {"values": {"step_size": new}}
+            rollback(store.path, 0)
+            first = push(store.path, paths[0], log=log, policy_overrides=overrides)
+        rows.append(_check_row(1, len(batches[0]), first, log))
+        rows.append(_check_row(2, len(batches[1]), push(store.path, paths[1], log=log, policy_overrides=overrides), log))
     return {**result, "batches": rows}
+
+
+def _check_row(batch: int, n_facts: int, rep, log) -> dict:
+    """A self-check batch's efficacy, neighbors unchanged and drift, logged."""
+    s = rep.summary
+    row = {"batch": batch, "facts": n_facts, "efficacy": s["efficacy"],
+           "neighbors_unchanged": s["neighbors_unchanged"], "perplexity_drift": s["perplexity_drift"]}
+    log(check_line(row))
+    return row
 
 
 def check_line(row: dict) -> str:
