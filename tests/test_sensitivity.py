@@ -73,13 +73,24 @@ def test_preconditioner_scales_to_mean_eigenvalue_one():
     assert torch.allclose(P, torch.linalg.inv(Fs + 0.01 * torch.eye(5, dtype=torch.float64)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_residual_fisher_is_the_mean_outer_product_of_each_tokens_gradient(arch, tiny_llama_dir, tiny_gpt2_dir):
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma-capped"])
+@pytest.mark.parametrize("direct", [True, False])
+def test_residual_fisher_is_the_mean_outer_product_of_each_tokens_gradient(arch, direct, tiny_llama_dir, tiny_gpt2_dir,
+                                                                           tiny_gemma_dir, monkeypatch):
     """Batched with padding and a backward cut at the first layer, against one sequence at a time
-    through the whole model with a zero perturbation added at each layer's output."""
-    model, tok = load_model(resolve_model(str(tiny_llama_dir if arch == "llama" else tiny_gpt2_dir)),
-                            device="cpu", log=lambda m: None)
-    names = ["model.layers.1", "model.layers.2"] if arch == "llama" else ["transformer.h.1", "transformer.h.2"]
+    through the whole model with a zero perturbation added at each layer's output: with the
+    head's gradient written down (softmax − onehot through Gemma's soft cap) and through autograd."""
+    from lifelong.edit import fisher
+
+    folder = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir, "gemma-capped": tiny_gemma_dir}[arch]
+    model, tok = load_model(resolve_model(str(folder)), device="cpu", log=lambda m: None)
+    if arch == "gemma-capped":
+        model.config.final_logit_softcapping = 0.5          # small enough to bend the tiny model's logits
+    seen = []
+    real = fisher._head_is_direct
+    monkeypatch.setattr(fisher, "_head_is_direct", lambda *a: seen.append(real(*a)) or (seen[-1] and direct))
+    names = {"llama": ["model.layers.1", "model.layers.2"], "gpt2": ["transformer.h.1", "transformer.h.2"],
+             "gemma-capped": ["model.layers.1", "model.layers.2"]}[arch]
     seqs = [tok(t)["input_ids"] for t in ("The capital of France is Paris and the river is long",
                                            "A quiet text about hills",
                                            "Rivers run to the sea, and the hills stand over them all day")]
@@ -107,9 +118,11 @@ def test_residual_fisher_is_the_mean_outer_product_of_each_tokens_gradient(arch,
             want[nm] += g.t() @ g
     assert n == sum(len(s) - 1 for s in seqs)
     for nm in names:
-        assert torch.allclose(per_layer[nm], want[nm] / n, rtol=1e-4, atol=1e-10)
+        ref = want[nm] / n
+        assert torch.allclose(per_layer[nm], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
     assert not torch.allclose(per_layer[names[0]], per_layer[names[1]], rtol=0.1)
     assert all(not p.requires_grad for p in model.parameters())     # left as it was
+    assert seen == [True]                                           # these heads are plain linear maps
 
 
 def test_init_stores_the_fisher_a_fisher_policy_steps_in(tmp_path, tiny_llama_dir, tiny_policy_factory):
@@ -148,3 +161,28 @@ def test_fisher_needs_normalized_steps(tiny_policy_factory):
 
     with pytest.raises(PolicyError, match="values.metric"):
         load_policy(tiny_policy_factory("llama")).with_overrides(value_metric="fisher")
+
+
+def test_init_in_bfloat16_records_it_and_keeps_the_float32_model(tmp_path, tiny_llama_dir, tiny_policy_factory):
+    """A policy asking for bfloat16 passes: the store says so, holds float64 statistics close
+    to a float32 init's, and its base weights are the model's own float32 ones."""
+    import numpy as np
+
+    from lifelong.store.layout import layer_key
+
+    pol = tiny_policy_factory("llama", threshold=0.05)
+    text = pol.read_text().replace("values:\n", "values:\n  optimizer: normalized\n  step_size: 0.1\n  metric: fisher\n")
+    corpus = tmp_path / "corpus.txt"                         # the same tokens for both
+    corpus.write_text("".join(f"Line {i} of a quiet text about rivers, hills and {i % 7} towns.\n" for i in range(600)))
+    stores = {}
+    for prec in ("float32", "bfloat16"):
+        pol.write_text(text.replace("preserved:\n", f"preserved:\n  fisher_tokens: 512\n  precision: {prec}\n"))
+        api.init(tmp_path / f"{prec}.h5", model=str(tiny_llama_dir), policy=str(pol), corpus=str(corpus))
+        stores[prec] = Store.open(tmp_path / f"{prec}.h5")
+    half, full = stores["bfloat16"], stores["float32"]
+    assert half.info["stats_precision"] == "bfloat16" and full.info["stats_precision"] == "float32"
+    for l in (0, 1):
+        w, c = layer_key(l, "W"), layer_key(l, "mom2")
+        a, b = half.base_arrays([w, c]), full.base_arrays([w, c])
+        assert np.array_equal(a[w], b[w]) and a[w].dtype == np.float32          # the base itself
+        assert a[c].dtype == np.float64 and 0 < np.linalg.norm(a[c] - b[c]) / np.linalg.norm(b[c]) < 0.05

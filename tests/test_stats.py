@@ -79,3 +79,54 @@ def test_gram_from_upper_bands_is_xtx(d, blocks):
 
     x = torch.randn(50, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
     assert torch.allclose(gram(x, blocks), x.t() @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_passes_keep_the_sums_in_float32(tiny_llama_dir):
+    """Under bfloat16 autocast the model's matmuls run in bfloat16 but C₀'s products do not:
+    C₀ equals the float32 sums of the (bfloat16-made) keys the hooks saw, and stays within a
+    few 1e-3 of the float32 pass."""
+    from lifelong.model.precision import matmuls
+
+    model, tok = load_model(resolve_model(str(tiny_llama_dir)), log=lambda *a: None)
+    name = "model.layers.1.mlp.down_proj"
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, tok.vocab_size, (12,), generator=g).tolist() for _ in range(6)]
+    full, _ = second_moments(model, [name], seqs, batch=6)
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with matmuls("bfloat16", model):
+        half, count = second_moments(model, [name], seqs, batch=6)
+    handle.remove()
+    keys = torch.cat(seen).double()
+    assert seen[0].dtype == torch.bfloat16                  # the forward did run in bfloat16
+    assert torch.allclose(half[name], keys.T @ keys / count, rtol=1e-5, atol=1e-7)
+    err = float((half[name] - full[name]).norm() / full[name].norm())
+    assert 0 < err < 2e-2
+
+
+def test_precision_auto_resolves_to_a_concrete_one():
+    from lifelong.model.precision import resolve
+
+    cpu = torch.device("cpu")
+    assert resolve("auto", cpu) in ("float32", "bfloat16")
+    assert resolve("float32", cpu) == "float32"
+    with pytest.raises(ValueError, match="precision 'half'"):
+        resolve("half", cpu)
+
+
+def test_bfloat16_block_gives_the_float32_weights_back(tiny_gemma_dir):
+    """The linear weights are cast once for the block and the very same float32 parameters
+    (tied head included) are back afterwards, also when the block raises."""
+    from lifelong.model.precision import matmuls
+
+    model, _ = load_model(resolve_model(str(tiny_gemma_dir)), log=lambda *a: None)
+    before = {n: p for n, p in model.named_parameters()}
+    copies = {n: p.detach().clone() for n, p in before.items()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with matmuls("bfloat16", model):
+            assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+            raise RuntimeError("inside")
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert all(torch.equal(after[n], copies[n]) for n in before)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight

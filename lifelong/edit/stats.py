@@ -14,6 +14,7 @@ import torch
 
 from lifelong.model.corpus import padded_batches
 from lifelong.model.hooks import _Stop, hooks
+from lifelong.model.precision import exact
 
 
 @dataclass
@@ -61,7 +62,8 @@ class Moments:
         def make(name, last):
             def pre(_module, args):
                 x = args[0][self.mask.bool()].to(torch.float32)       # (tokens, d_in): the real tokens
-                acc = gram(x).to(torch.float64)                       # float32 within a batch, summed in float64
+                with exact(x.device):                                 # float32 even under bfloat16 autocast
+                    acc = gram(x).to(torch.float64)                   # float32 within a batch, summed in float64
                 self.sums[name] = acc.cpu() if name not in self.sums else self.sums[name] + acc.cpu()
                 if last:
                     raise _Stop
@@ -79,7 +81,7 @@ class Moments:
 
 
 @torch.no_grad()
-def second_moments(model, module_names: list[str], seqs: list[list[int]], batch: int = 8,
+def second_moments(model, module_names: list[str], seqs: list[list[int]], batch: int = 32,
                    progress=None) -> tuple[dict[str, torch.Tensor], int]:
     """E[k kᵀ] at the input of each module over all tokens of seqs; passes stop at the last module."""
     device = next(model.parameters()).device

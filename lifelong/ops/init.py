@@ -18,6 +18,7 @@ from lifelong.errors import BadInput, StoreExists
 from lifelong.eval.scoring import eval_prefixes
 from lifelong.model.corpus import chunk_tokens, context_templates, read_corpus, sample_sequences
 from lifelong.model.loading import BUILTIN_MODELS, DEFAULT_MODEL, load_model, resolve_model
+from lifelong.model.precision import matmuls, resolve
 from lifelong.model.weights import get_module, read_matrix
 from lifelong.ops import quiet
 from lifelong.policy import find_policy, load_policy
@@ -60,18 +61,23 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
     d_in = base[pol.layers[0]].shape[1]
     log(f"model {source.name}: {type(net).__name__}, {net.config.num_hidden_layers} layers; "
         f"edited {names[0]} … ({base[pol.layers[0]].shape[0]}×{d_in})")
+    device = next(net.parameters()).device
+    precision = resolve(pol.preserved.precision, device)
+    if precision != "float32":
+        log(f"statistics passes in {precision} (policy precision {pol.preserved.precision})")
 
     if corpus is not None:
         seqs = chunk_tokens(tok, texts, pol.preserved.corpus_tokens, SEQ_LEN)
         corpus_desc = f"file {corpus}"
         log(f"second moments over {sum(len(s) for s in seqs)} tokens at {len(names)} layers")
-        moments, counted = second_moments(net, names, seqs, progress=progress and progress("stats"))
+        with matmuls(precision, net):
+            moments, counted = second_moments(net, names, seqs, progress=progress and progress("stats"))
     else:
         n_seq = math.ceil((pol.preserved.sampled_tokens or pol.preserved.corpus_tokens) / SEQ_LEN)
         log(f"sampling {n_seq * SEQ_LEN} tokens of text from the model for the preserved statistics, "
             f"with their second moments at {len(names)} layers")
         acc = Moments(names)              # C₀ read off the sampling passes: no second pass over the text
-        with acc.reading(net):
+        with acc.reading(net), matmuls(precision, net):
             seqs = sample_sequences(net, tok, n_seq, SEQ_LEN, seed=seed, progress=progress and progress("sample"),
                                     on_step=acc.feed)
         moments, counted = acc.means(), acc.count
@@ -94,24 +100,27 @@ def init(path, model: str = DEFAULT_MODEL, policy: str | None = None, corpus: st
     if pol.values.metric == "fisher":
         fisher_seqs = seqs[: math.ceil(pol.preserved.fisher_tokens / SEQ_LEN)]
         log(f"residual Fisher over {sum(len(s) for s in fisher_seqs)} tokens (value_metric fisher)")
-        per_layer, n_fisher = residual_fisher(net, [pol.layer_name(l) for l in pol.layers],
-                                              fisher_seqs, progress=progress and progress("fisher"))
+        with matmuls(precision, net):
+            per_layer, n_fisher = residual_fisher(net, [pol.layer_name(l) for l in pol.layers],
+                                                  fisher_seqs, progress=progress and progress("fisher"))
         arrays[FISHER] = sum(per_layer.values()).numpy()
         fisher_info = {"fisher_tokens": n_fisher}
     log("sampling the MEMIT contexts, the evaluation prefixes and the held-out text")
     contexts = context_templates(net, tok, pol.contexts.n_prefixes, pol.contexts.prefix_tokens, seed=seed + 1)
-    prefixes = eval_prefixes(net, tok, seed + 3)
+    prefixes = eval_prefixes(net, tok, seed + 3)      # both in float32: the texts every edit and eval uses
     if heldout is not None:
         heldout_seqs = chunk_tokens(tok, heldout_texts, HELDOUT_FILE_TOKENS, SEQ_LEN)
         heldout_desc = f"file {heldout}"
     else:
-        heldout_seqs = sample_sequences(net, tok, HELDOUT_SEQS, HELDOUT_LEN, seed=seed + 2)
+        with matmuls(precision, net):                 # only measured on: sampled as the statistics' text
+            heldout_seqs = sample_sequences(net, tok, HELDOUT_SEQS, HELDOUT_LEN, seed=seed + 2)
         heldout_desc = "model-sampled text"
     info = {
         "contexts": contexts,
         "eval_prefixes": prefixes,
         "corpus": corpus_desc,
         "corpus_tokens": counted,
+        "stats_precision": precision,
         **fisher_info,
         "layers": layer_info,
         "heldout": heldout_seqs,
