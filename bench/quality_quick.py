@@ -44,6 +44,7 @@ def describe(pol) -> str:
     words += [f"rescale_max {pol.update.rescale_max:g}"] if pol.update.rescale_max > 1 else []
     words += [f"sweeps {pol.experiment.sweeps}"] if pol.experiment.sweeps > 1 else []
     words += [f"C₀ {pol.preserved.corpus_tokens // 1000}k tokens"] if pol.preserved.corpus_tokens != 20000 else []  # 20k until 2026-11-25
+    words += [f"init passes {pol.preserved.precision}"] if pol.preserved.precision != "float32" else []  # from 2026-12-07
     # the update; rows before 2026-11-24 (late) left it out: AlphaEdit α 1
     words += ([f"memit λ {pol.update.mom2_weight:g}" + (" holding earlier edits" if pol.update.hold_earlier else "")]
               if not pol.update.project else [f"alphaedit α {pol.update.alpha:g}"])
