@@ -296,6 +296,13 @@ class Experiment(BaseModel):
         description="With stop_margin: the margin must hold for this many consecutive steps "
         "before a value stops (ENCORE uses 2-4). 1: at the first step it holds.",
     )
+    value_norm_anchor: float | None = Field(
+        None, gt=0,
+        description="NAS's anchor: each value v* = v₀ + δ at the last edited layer (v₀ its MLP output "
+        "at the subject) is rescaled to this norm, and an edit whose ‖v*‖ exceeds twice it is not "
+        "written (push reports value_norm per group). The mean ‖v*‖ of edits pushed on the unedited "
+        "model. None: off.",
+    )
     frobenius_weight: float = Field(
         0.0, ge=0,
         description="λ_F of the MEMIT-style update: adds λ_F·(tr E[kkᵀ]/d)·I to its solve "
@@ -487,6 +494,7 @@ FLAT: list[tuple[str, tuple[str, ...]]] = [
     ("weight_decay", ("values", "weight_decay")), ("early_stop_loss", ("values", "early_stop_loss")),
     ("stop_margin", ("experiment", "stop_margin")), ("stop_patience", ("experiment", "stop_patience")),
     ("frobenius_weight", ("experiment", "frobenius_weight")), ("repair_weight", ("experiment", "repair_weight")),
+    ("value_norm_anchor", ("experiment", "value_norm_anchor")),
     ("align", ("alignment", "enabled")), ("tau", ("alignment", "tau")), ("top_m", ("alignment", "top_m")),
     ("lambda_kl", ("alignment", "lambda_kl")), ("lambda_mse", ("alignment", "lambda_mse")),
     ("merge_same_subject", ("merging", "same_subject")),
@@ -496,7 +504,7 @@ FLAT: list[tuple[str, tuple[str, ...]]] = [
     ("min_realized", ("update", "min_realized")), ("rescale_max", ("update", "rescale_max")),
     ("nullspace_threshold", ("preserved", "nullspace_threshold")),
     ("corpus_tokens", ("preserved", "corpus_tokens")), ("sampled_tokens", ("preserved", "sampled_tokens")),
-    ("gates", ("gates",)), ("stats_precision", ("preserved", "precision")),
+    ("stats_precision", ("preserved", "precision")), ("gates", ("gates",)),
 ]
 _NESTED_PATH = {flat: path for flat, path in FLAT if len(path) == 2}
 SECTIONS = {"contexts": Contexts, "values": Values, "alignment": Alignment, "merging": Merging,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lifelong.edit.alignment import ResidualBank
+from lifelong.edit.anchoring import SKIP_FACTOR, anchor_values, mlp_outputs
 from lifelong.facts import Fact
 from lifelong.edit.keys import BatchKeys, group_mean, write_units
 from lifelong.policy import layer_name
@@ -56,6 +57,8 @@ class BatchEdit:
     realized: torch.Tensor                                  # (n,) share of each δ the edited model reaches at L
     written: torch.Tensor                                   # (n,) bool: False for groups left unwritten (min_realized)
     timings: dict = field(default_factory=dict)
+    value_norms: torch.Tensor | None = None                 # (n,) ‖v₀ + δ‖ at L before any anchoring
+    too_long: torch.Tensor | None = None                    # (n,) bool: not written, v* over 2 × the anchor
 
 
 def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
@@ -103,6 +106,17 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
             f"in {res.steps} steps, {res.seconds:.1f}s")
     deltas = torch.stack([v.delta.float().cpu() for v in values])   # (n, d_model)
     du = deltas[ug]                                                   # (u, d_model): a group's δ for each of its facts
+    modules = {l: get_module(model, module_name(policy.module_template, l)) for l in layers}
+    norms = {l: output_norm(model, module_name(policy.module_template, l)) for l in layers}
+    v0 = mlp_outputs(current.keys[L], modules[L], norms[L]).to(du.device)   # (u, d_model) the MLP's output now
+    value_norms = (v0 + du).norm(dim=-1)
+    kept = torch.ones(len(du), dtype=torch.bool)
+    if policy.experiment.value_norm_anchor is not None:
+        du, kept, _ = anchor_values(du, v0, policy.experiment.value_norm_anchor)
+        deltas = group_mean(du, ug, len(groups))                      # what the bank keeps: the anchored δ
+        for j in (~kept).nonzero().flatten().tolist():
+            log(f"group {groups[int(ug[j])].subject!r}: value norm {float(value_norms[j]):.1f} exceeds "
+                f"{SKIP_FACTOR:g} x the anchor {policy.experiment.value_norm_anchor:g}; not written")
     z = h_start + du                                                  # (u, d_model) targets at L
     timings["values"] = time.perf_counter() - t
 
@@ -110,17 +124,17 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     # or rescale_max the first pass is a probe: the batch is spread again from the same
     # start when its shares ask for it.
     t = time.perf_counter()
-    modules = {l: get_module(model, module_name(policy.module_template, l)) for l in layers}
-    norms = {l: output_norm(model, module_name(policy.module_template, l)) for l in layers}
     probe = policy.update.min_realized > 0 or policy.update.rescale_max > 1
     start = {l: read_matrix(m) for l, m in modules.items()} if probe else None
     keys_at_start = current.fork() if probe else None
     parts, keys, realized = _spread(current, z, h_start, du, None, range(1 if probe else policy.experiment.sweeps),
                                     policy, layer_ctx, modules, norms, log, "first pass: " if probe else "")
     written = realized >= policy.update.min_realized if policy.update.min_realized > 0 else torch.ones_like(realized, dtype=torch.bool)
+    room = written.clone()
+    written &= kept.to(written.device)
     if probe and (policy.update.rescale_max > 1 or not written.all()):
         unit_facts = [f for g in groups for f in g.facts]                # the units, in order
-        for j in (~written).nonzero().flatten().tolist():
+        for j in (~room).nonzero().flatten().tolist():
             g = groups[int(ug[j])]
             what = f"group {g.subject!r}" if len(g.facts) == 1 else \
                 f"fact {unit_facts[j].render()!r} of group {g.subject!r}"
@@ -140,7 +154,9 @@ def compute_edit(model, tok, groups: list[Group], contexts: list[str], policy,
     n = len(groups)
     return BatchEdit(factors=factors, keys=keys, unit_group=ug, bank_keys=bank_keys, deltas=deltas,
                      values=values, timings=timings, realized=group_mean(realized[:, None], ug, n)[:, 0],
-                     written=group_mean(written.float()[:, None], ug, n)[:, 0] > 0)   # any of its facts
+                     written=group_mean(written.float()[:, None], ug, n)[:, 0] > 0,   # any of its facts
+                     value_norms=group_mean(value_norms[:, None], ug, n)[:, 0],
+                     too_long=group_mean((~kept).float()[:, None], ug, n)[:, 0] > 0)
 
 
 def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, layer_ctx, modules, norms, log,

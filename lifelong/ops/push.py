@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lifelong.deltas import fingerprint
+from lifelong.edit.anchoring import SKIP_FACTOR
 from lifelong.edit.batch import BatchEdit, Group, compute_edit
 from lifelong.edit.values import reached_stop
 from lifelong.eval.budget import edit_budget
@@ -132,8 +133,10 @@ def _push_locked(store, tx, ff, source, dry_run, log, overrides, t_all) -> PushR
     )
     record.metrics["live_facts"] = len(history.live_facts(records + [record]))
     record.metrics["groups"] = [{"nll_start": round(v.nll_start, 4), "nll": round(v.nll, 4), "steps": v.steps,
-                                 "realized": round(float(r), 4), **({} if w else {"written": False})}
-                                for v, r, w in zip(edit.values, edit.realized, edit.written)]   # the report's rows add to these
+                                 "realized": round(float(r), 4), "value_norm": round(float(vn), 3),
+                                 **({} if w else {"written": False})}
+                                for v, r, w, vn in zip(edit.values, edit.realized, edit.written, edit.value_norms)]
+    # the report's rows add to these
     if not dry_run:
         tx.add_batch(record, batch_arrays(edit))
     timings["store"] = time.perf_counter() - t
@@ -165,8 +168,12 @@ def push_warnings(facts: list[Fact], scores: list[FactScore], groups: list[Group
     for f, s in zip(facts, scores):
         if not s.efficacy:
             warnings.append(f"line {f.line}: {f.render()!r} does not yet give {f.target!r}")
-    for g, v, r, w in zip(groups, edit.values, edit.realized, edit.written):
-        if not w:
+    for g, v, r, w, long, vn in zip(groups, edit.values, edit.realized, edit.written, edit.too_long, edit.value_norms):
+        if long:
+            warnings.append(f"group {g.subject!r} left unwritten: its value norm {float(vn):.1f} "
+                            f"exceeds {SKIP_FACTOR:g} x the policy's value_norm_anchor "
+                            f"{policy.experiment.value_norm_anchor:g}")
+        elif not w:
             warnings.append(f"group {g.subject!r} left unwritten: its key has no room outside preserved "
                             f"knowledge and earlier edits (realized {float(r):.0%} < min_realized "
                             f"{policy.update.min_realized:g})")
