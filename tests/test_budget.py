@@ -76,3 +76,12 @@ def test_budget_shows_in_push_status_eval_and_refresh(tmp_path, tiny_llama_dir):
     (done,) = report.files
     assert done["budget"]["live_facts"] == 2 and done["budget"]["max_drift"] == 1
     assert done["budget"]["measured_by"] == "refresh gates after batch 2"
+
+
+def test_compounding_drift_takes_the_steeper_recent_slope():
+    """Drift that compounds: the recent slope (from 200 to 300 live facts) is steeper than the
+    line through the origin, and the budget counts with it."""
+    recs = [record(1, 100, 0.01), record(2, 200, 0.03), record(3, 300, 0.06)]
+    b = edit_budget(recs, max_drift=0.10)
+    assert b["slope_per_100"] == pytest.approx(3.0 / 100)       # (0.06 - 0.03) per 100 edits; the origin line gives 1.8 %
+    assert b["edits_left"] == 133                               # (0.10 - 0.06) / 0.0003 per edit
