@@ -13,14 +13,19 @@ import torch
 SKIP_FACTOR = 2.0       # NAS: an edit whose ‖v*‖ exceeds this × the anchor is not written
 
 
-def mlp_outputs(keys: torch.Tensor, module, norm=None) -> torch.Tensor:
-    """v₀ (u, d_model): what the edited matrix at the last layer gives for each unit's key,
-    through the norm that follows it where there is one (Gemma 3)."""
+def matrix_outputs(keys: torch.Tensor, module) -> torch.Tensor:
+    """(u, d_out): what an edited matrix (with its bias) gives for each key."""
     from lifelong.model.weights import read_matrix
 
     y = keys.float() @ read_matrix(module).t()
     bias = getattr(module, "bias", None)
-    y = y + bias.detach().float() if bias is not None else y
+    return y + bias.detach().float() if bias is not None else y
+
+
+def mlp_outputs(keys: torch.Tensor, module, norm=None) -> torch.Tensor:
+    """v₀ (u, d_model): what the edited matrix at the last layer gives for each unit's key,
+    through the norm that follows it where there is one (Gemma 3)."""
+    y = matrix_outputs(keys, module)
     if norm is not None:
         with torch.no_grad():
             y = norm(y.to(next(norm.parameters()).dtype)).float()

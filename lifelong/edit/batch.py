@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lifelong.edit.alignment import ResidualBank
-from lifelong.edit.anchoring import SKIP_FACTOR, anchor_values, mlp_outputs
+from lifelong.edit.anchoring import SKIP_FACTOR, anchor_values, matrix_outputs, mlp_outputs
 from lifelong.facts import Fact
 from lifelong.edit.keys import BatchKeys, group_mean, write_units
 from lifelong.policy import layer_name
@@ -179,9 +179,7 @@ def _spread(current: BatchKeys, z, h_start, deltas, written, sweeps, policy, lay
             K, cur = current.keys[layer], current.out
             R = (z - cur).t() / (len(layers) - i)                         # (d_model, n)
             if norms[layer] is not None:
-                y = K @ read_matrix(modules[layer]).t()                   # (n, d_out) the matrix's outputs
-                bias = getattr(modules[layer], "bias", None)
-                y = y + bias.detach().float() if bias is not None else y
+                y = matrix_outputs(K, modules[layer])                     # (n, d_out) the matrix's outputs
                 R = through_norm(norms[layer], y, R.t()).t()              # (d_out, n)
             if written is not None:
                 R = R * written.to(R.dtype)[None, :]
