@@ -53,6 +53,24 @@ def test_sampled_text_comes_in_even_batches_of_the_asked_size(tiny_llama_dir, mo
     assert corpus.sample_sequences(model, tok, 7, 3, seed=1) == seqs
 
 
+@pytest.mark.parametrize("arch", ["tiny_llama_dir", "tiny_gpt2_dir", "tiny_gemma_dir"])
+def test_sampling_with_a_preallocated_cache_equals_the_growing_one(arch, request, monkeypatch):
+    """The sampler writes keys and values in place (StaticCache) instead of growing the cache
+    at every step: the same logits, so the same text for the same seed, on every architecture
+    (left-padded openers of different lengths included)."""
+    from lifelong.model import corpus
+    from lifelong.model.loading import load_model, resolve_model
+
+    model, tok = load_model(resolve_model(str(request.getfixturevalue(arch))), log=lambda *a: None)
+    made = []
+    real = corpus.preallocated_cache
+    monkeypatch.setattr(corpus, "preallocated_cache", lambda m, n: made.append(real(m, n)) or made[-1])
+    static = corpus.sample_sequences(model, tok, 9, 12, seed=5)
+    assert made and all(c is not None for c in made)
+    monkeypatch.setattr(corpus, "preallocated_cache", lambda m, n: None)
+    assert corpus.sample_sequences(model, tok, 9, 12, seed=5) == static
+
+
 def test_second_moments_read_off_sampling_equal_a_pass_over_the_sampled_text(tiny_llama_dir):
     """init without a corpus reads C₀ off the sampling passes (KV cache, one token per step):
     the same E[kkᵀ] as a full pass over the sampled sequences without their last token, which

@@ -25,13 +25,13 @@ May import `lifelong.model` and the foundation; never `store` or `ops`.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lifelong.errors import BadInput
+from lifelong.model.hf_cache import last_logits_only
 from lifelong.model.hooks import _hidden
 from lifelong.model.prompts import encode_prompt, target_ids
 
@@ -152,8 +152,7 @@ def _noise_hook(first: int, noise: torch.Tensor):
 def _answer_probs(model, ids: torch.Tensor, answer: int, hooks: list) -> torch.Tensor:
     """p(answer) after the last position of each row of ids (B, T), with forward hooks
     [(module, fn)] in place for this one pass -> (B,)."""
-    # only the last position's logits are needed; models that take logits_to_keep skip the rest
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    last_only = last_logits_only(model)                  # only the last position's logits are needed
     handles = [m.register_forward_hook(fn) for m, fn in hooks]
     try:
         with torch.no_grad():

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lifelong.errors import BadInput
-from lifelong.model.hf_cache import cache_kwarg, cache_of
+from lifelong.model.hf_cache import cache_kwarg, cache_of, last_logits_only, preallocated_cache
 
 # Openers for sampled text, as in MEMIT's context templates.
 SAMPLE_BATCH = 160      # rows sampled at once: init samples 157 sequences of 128 tokens
@@ -105,6 +105,7 @@ def sample_sequences(model, tok, n_seq: int, length: int, seed: int, top_k: int 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     device = next(model.parameters()).device
     out: list[list[int]] = []
+    last_only = last_logits_only(model)
     for start in range(0, n_seq, batch):
         count = min(batch, n_seq - start)
         openers = [OPENERS[(start + i) % len(OPENERS)] for i in range(count)]
@@ -116,19 +117,20 @@ def sample_sequences(model, tok, n_seq: int, length: int, seed: int, top_k: int 
             ids[i, width - len(f):] = torch.tensor(f)
             mask[i, width - len(f):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        past = None
+        past = preallocated_cache(model, width + length)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         step_ids, new = ids, []
         for _ in range(length):
             if on_step is not None:
                 on_step(mask if step_ids is ids else torch.ones_like(step_ids))
             res = model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                        use_cache=True, **{cache_kwarg(model): past})
+                        use_cache=True, **{cache_kwarg(model): past}, **last_only)
             past = cache_of(res)
-            logits = res.logits[:, -1, :].float().cpu()  # (count, vocab)
-            kth = torch.topk(logits, top_k, dim=-1)
-            probs = torch.softmax(kth.values, dim=-1)
-            pick = kth.indices.gather(1, torch.multinomial(probs, 1, generator=gen))  # (count, 1)
+            # top-k of the logits as they come (bfloat16 under autocast): the same values as
+            # a float32 copy of all 262k, without making one
+            kth = torch.topk(res.logits[:, -1, :], top_k, dim=-1)
+            probs = torch.softmax(kth.values.float().cpu(), dim=-1)
+            pick = kth.indices.cpu().gather(1, torch.multinomial(probs, 1, generator=gen))  # (count, 1)
             new.append(pick)
             step_ids = pick.to(device)
             mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
