@@ -40,6 +40,8 @@ from pydantic import (
 
 from lifelong.errors import PolicyError
 
+Precision = Literal["float32", "bfloat16", "auto"]   # of init's passes; lifelong.model.precision resolves it
+
 __all__ = [
     "Gates",
     "Policy",
@@ -261,7 +263,7 @@ class Preserved(BaseModel):
         "fisher only; tokens, at most the corpus it read). Each costs a forward and a backward "
         "pass: ~1 minute per 10k tokens on a 2-core CPU for SmolLM2-135M.",
     )
-    precision: Literal["float32", "bfloat16", "auto"] = Field(
+    precision: Precision = Field(
         "float32",
         description="Matmul precision of init's passes over the text (C₀, the Fisher, sampling). "
         "bfloat16 runs ~2x faster where the hardware has it (AVX512-BF16/AMX CPUs, GPUs) and moves "

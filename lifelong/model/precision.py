@@ -10,10 +10,13 @@ tokens: under bfloat16 autocast the keys carry ~0.4 % error per element, C₀ mo
 from __future__ import annotations
 
 import contextlib
+from typing import get_args
 
 import torch
 
-CHOICES = ("float32", "bfloat16", "auto")
+from lifelong.policy import Precision
+
+CHOICES = get_args(Precision)
 
 
 def bf16_is_fast(device: torch.device) -> bool:
