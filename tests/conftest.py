@@ -5,6 +5,7 @@ sentences, the models are random, saved once per test session as transformers fo
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -150,3 +151,24 @@ def write_policy(tmp_path: Path, arch: str, threshold: float = 0.05) -> Path:
 @pytest.fixture
 def tiny_policy_factory(tmp_path):
     return lambda arch, **kw: write_policy(tmp_path, arch, **kw)
+
+
+@pytest.fixture(params=["llama", "gpt2", "gemma"])
+def tiny_store(request, tmp_path, tiny_llama_dir, tiny_gpt2_dir, tiny_gemma_dir, tiny_policy_factory):
+    """A fresh store on each tiny model (Llama-like, GPT-2-like, Gemma-3-like)."""
+    from lifelong import api
+
+    model_dir = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir, "gemma": tiny_gemma_dir}[request.param]
+    path = tmp_path / "store.h5"
+    api.init(path, model=str(model_dir), policy=str(tiny_policy_factory(request.param, threshold=0.05)))
+    return path
+
+
+@pytest.fixture
+def knowns_file(tmp_path):
+    """ROME known-facts records of what the tiny models learned, one of them wrong."""
+    from helpers import KNOWN, WRONG
+
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps([WRONG] + KNOWN, indent=2))
+    return path

@@ -36,3 +36,15 @@ def copy_store(src: Path, dst_dir: Path) -> Path:
     shutil.copy2(src, dst)
     shutil.copytree(src.with_name(src.name + ".d"), dst.with_name(dst.name + ".d"))
     return dst
+
+
+# ROME known-facts records of what the tiny models learned from conftest.TEXT
+KNOWN = [
+    {"known_id": 0, "subject": "France", "attribute": "Paris", "template": "The capital of {} is",
+     "prediction": " Paris.", "prompt": "The capital of France is", "relation_id": "P36"},
+    {"known_id": 1, "subject": "Danielle Darrieux", "attribute": "French",
+     "prompt": "The mother tongue of Danielle Darrieux is", "relation_id": "P103"},
+    {"known_id": 2, "subject": "Toko Yasuda", "attribute": "guitar", "prompt": "Toko Yasuda plays the"},
+    {"known_id": 3, "subject": "Brazil", "attribute": "Portuguese", "prompt": "The official language of Brazil is"},
+]
+WRONG = {"subject": "France", "attribute": "Tokyo", "prompt": "The capital of France is"}

@@ -10,7 +10,7 @@ from lifelong import api
 from lifelong.edit.anchoring import SKIP_FACTOR, anchor_values
 from lifelong.store.store import Store
 from helpers import write_jsonl
-from test_pipeline import FACTS_1, tiny_store  # noqa: F401  (fixture)
+from test_pipeline import FACTS_1
 
 
 def test_anchored_values_have_the_anchor_norm_in_their_own_direction():

@@ -15,23 +15,13 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from helpers import cli, write_jsonl
+from helpers import KNOWN, WRONG, cli, write_jsonl
 from lifelong.errors import BadInput
 from lifelong.eval.tracing import (HIDDEN, LAST_SUBJECT, MLP, TraceFact, categorize, decoder_layers, encode,
                                    known_facts, noise_std, restored_probs, suggest_window, trace, trace_fact,
                                    window_layers)
 from lifelong.ops.locate import read_trace_facts
 
-# ROME known-facts records of what the tiny models learned from conftest.TEXT
-KNOWN = [
-    {"known_id": 0, "subject": "France", "attribute": "Paris", "template": "The capital of {} is",
-     "prediction": " Paris.", "prompt": "The capital of France is", "relation_id": "P36"},
-    {"known_id": 1, "subject": "Danielle Darrieux", "attribute": "French",
-     "prompt": "The mother tongue of Danielle Darrieux is", "relation_id": "P103"},
-    {"known_id": 2, "subject": "Toko Yasuda", "attribute": "guitar", "prompt": "Toko Yasuda plays the"},
-    {"known_id": 3, "subject": "Brazil", "attribute": "Portuguese", "prompt": "The official language of Brazil is"},
-]
-WRONG = {"subject": "France", "attribute": "Tokyo", "prompt": "The capital of France is"}
 
 
 def fact(prompt: str, subject: str, answer: str) -> TraceFact:
@@ -273,13 +263,6 @@ def test_reads_rome_known_1000():
 
 
 # ----------------------------------------------------------------------------- the command
-
-
-@pytest.fixture
-def knowns_file(tmp_path):
-    path = tmp_path / "known.json"
-    path.write_text(json.dumps([WRONG] + KNOWN, indent=2))
-    return path
 
 
 def test_cli_writes_the_report_and_the_heatmap(tiny_llama_dir, knowns_file, tmp_path):

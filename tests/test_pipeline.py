@@ -37,14 +37,6 @@ def export_tensors(store, out: Path, at=None) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
 
-@pytest.fixture(params=["llama", "gpt2", "gemma"])
-def tiny_store(request, tmp_path, tiny_llama_dir, tiny_gpt2_dir, tiny_gemma_dir, tiny_policy_factory):
-    model_dir = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir, "gemma": tiny_gemma_dir}[request.param]
-    path = tmp_path / "store.h5"
-    api.init(path, model=str(model_dir), policy=str(tiny_policy_factory(request.param, threshold=0.05)))
-    return path
-
-
 def test_init_records_identity_and_refuses_overwrite(tiny_store, tiny_llama_dir, tiny_policy_factory):
     st = Store.open(tiny_store)
     assert st.records == []

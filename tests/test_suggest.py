@@ -16,7 +16,6 @@ from lifelong.errors import BadInput
 from lifelong.model.loading import load_model, resolve_model
 from lifelong.ops.suggest import mlp_output_template
 from lifelong.policy import load_policy
-from test_locate import knowns_file  # noqa: F401  (the fixture: ROME known facts of the tiny models)
 
 
 def test_bulk_share_leaves_out_the_massive_channels_only():
