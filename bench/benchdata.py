@@ -1,10 +1,14 @@
-"""The evaluation data benchmarks read: ../shared/data, or $LIFELONG_BENCH_DATA (the product never does)."""
+"""The evaluation data benchmarks read: ../shared/data, or $LIFELONG_BENCH_DATA (the product never does);
+and where benchmarks keep their stores and reports, wherever they are started from."""
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
 
+BENCH = Path(__file__).resolve().parent
+REPORTS = BENCH / "reports"
+WORK = BENCH / "work"            # stores and per-run results (git-ignored)
 SHARED = Path(os.environ.get("LIFELONG_BENCH_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 WIKI = SHARED / "corpus" / "wikitext2_valid.txt"
 WIKI_TEST = SHARED / "corpus" / "wikitext2_test.txt"

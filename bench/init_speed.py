@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from benchdata import WIKI, plain_wikitext
+from benchdata import REPORTS, WIKI, plain_wikitext
 
-REPORTS = Path(__file__).parent / "reports"
 PHASES = [("model ", "load"), ("sampling the MEMIT", "contexts + held-out"), ("sampling ", "sample text"),
           ("second moments", "C₀"), ("residual Fisher", "Fisher")]   # first matching prefix wins
 

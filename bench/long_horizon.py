@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
+from benchdata import REPORTS, WORK
 from quality import counterfact_batches, write_batch
 from quality_quick import describe, fresh_store, measure, run_arguments, slope
 
-REPORTS = Path(__file__).parent / "reports"
 METRICS = [("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("neighbors_unchanged", "neighbors unchanged"),
            ("neighbors_unchanged_sure", "neighbors unchanged (base sure)"), ("retention_batch1", "retention of batch 1"),
            ("drift_wikitext", "drift WikiText"), ("drift_sampled", "drift sampled text")]
@@ -223,7 +223,7 @@ def plot(results: dict, png: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    run_arguments(ap, batches=40, work="bench/work/long_horizon", out=REPORTS / "long_horizon.md")
+    run_arguments(ap, batches=40, work=str(WORK / "long_horizon"), out=REPORTS / "long_horizon.md")
     ap.add_argument("--every", type=int, default=5, help="evaluate every this many batches (and after the last)")
     ap.add_argument("--sample", type=int, default=400, help="live facts scored per evaluation")
     args = ap.parse_args(argv)

@@ -39,7 +39,7 @@ from lifelong.model.weights import get_module
 from lifelong.deltas import materialize
 from lifelong.policy import module_name
 
-from benchdata import SHARED, plain_wikitext
+from benchdata import REPORTS, SHARED, plain_wikitext
 
 PLAIN = [
     "The weather in London was cold and wet for most of the year.",
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--facts", type=int, default=5, help="facts per batch (two batches)")
     ap.add_argument("--skip", type=int, default=400, help="first dev line to use")
     ap.add_argument("--corpus-lines", type=int, default=2000)
-    ap.add_argument("--out", default="bench/reports/peft_match.md")
+    ap.add_argument("--out", default=str(REPORTS / "peft_match.md"))
     args = ap.parse_args(argv)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -32,7 +32,7 @@ from lifelong.ops.inputs import EditInputs
 from lifelong.store.store import Store
 from lifelong.edit.values import optimize_value
 
-from benchdata import SHARED, plain_wikitext
+from benchdata import REPORTS, SHARED, plain_wikitext
 
 def run_edit(session: Session, facts, optimizer, policy, store) -> tuple[float, list, object]:
     """One batch edit from the current head with `optimizer`; weights restored afterwards."""
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--facts", type=int, default=10)
     ap.add_argument("--skip", type=int, default=200, help="first dev line to use")
     ap.add_argument("--corpus-tokens", type=int, default=100_000)
-    ap.add_argument("--out", default="bench/reports/push_speed.md")
+    ap.add_argument("--out", default=str(REPORTS / "push_speed.md"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     ap.add_argument("--prefix-tokens", type=int, default=None,
                     help="context prefix length for both loops (default: the policy's; MEMIT/AlphaEdit use 10)")

@@ -31,7 +31,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchdata import SHARED, WIKI_TEST, plain_wikitext
+from benchdata import REPORTS, SHARED, WIKI_TEST, WORK, plain_wikitext
 
 DEV = SHARED / "counterfact" / "counterfact_dev_3000.jsonl"
 SAME = SHARED / "counterfact" / "counterfact_same_subject.jsonl"
@@ -295,8 +295,8 @@ def device_name() -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="bench/work/quality", help="stores and per-run results (resumable)")
-    ap.add_argument("--out", default="bench/reports/quality.md")
+    ap.add_argument("--work", default=str(WORK / "quality"), help="stores and per-run results (resumable)")
+    ap.add_argument("--out", default=str(REPORTS / "quality.md"))
     ap.add_argument("--scenarios", default="counterfact,same_subject,supersession")
     ap.add_argument("--variants", default=None, help="comma list; default: each scenario's own set")
     ap.add_argument("--n", type=int, default=500)

@@ -27,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-from benchdata import WIKI, plain_wikitext, wikitext_test_chunks
+from benchdata import REPORTS, WIKI, WORK, plain_wikitext, wikitext_test_chunks
 from quality import counterfact_batches, write_batch
 
-REPORTS = Path(__file__).parent / "reports"
 
 
 ADAM_ERA = "adam lr 1"   # the rows made before the base policy was written down (until 2026-11-24)
@@ -172,7 +171,7 @@ def run_arguments(ap: argparse.ArgumentParser, batches: int, work: str, out: Pat
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    run_arguments(ap, batches=4, work="bench/work/quality_quick", out=REPORTS / "quality_quick.md")
+    run_arguments(ap, batches=4, work=str(WORK / "quality_quick"), out=REPORTS / "quality_quick.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from lifelong import api

@@ -32,6 +32,8 @@ from lifelong.store.layout import layer_key
 from lifelong.store.store import Store
 from lifelong.deltas import fingerprint, float64_sum
 
+from benchdata import REPORTS
+
 D_IN, D_OUT = 1536, 576
 
 
@@ -104,7 +106,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--edits", type=int, default=10_000)
     ap.add_argument("--batch", type=int, default=50)
-    ap.add_argument("--out", default="bench/reports/store_scale.md")
+    ap.add_argument("--out", default=str(REPORTS / "store_scale.md"))
     ap.add_argument("--push-seconds-per-fact", type=float, default=None,
                     help="measured push cost per fact, to express bookkeeping as a share of a push")
     args = ap.parse_args(argv)
