@@ -9,7 +9,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPORTS = BENCH / "reports"
 WORK = BENCH / "work"            # stores and per-run results (git-ignored)
-SHARED = Path(os.environ.get("LIFELONG_BENCH_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+SHARED = Path(os.environ.get("LIFELONG_BENCH_DATA") or BENCH.parent.parent / "shared" / "data")
 WIKI = SHARED / "corpus" / "wikitext2_valid.txt"
 WIKI_TEST = SHARED / "corpus" / "wikitext2_test.txt"
 

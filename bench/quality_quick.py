@@ -30,8 +30,6 @@ import torch
 from benchdata import REPORTS, WIKI, WORK, plain_wikitext, wikitext_test_chunks
 from quality import counterfact_batches, write_batch
 
-
-
 ADAM_ERA = "adam lr 1"   # the rows made before the base policy was written down (until 2026-11-24)
 
 

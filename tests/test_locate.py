@@ -23,7 +23,6 @@ from lifelong.eval.tracing import (HIDDEN, LAST_SUBJECT, MLP, TraceFact, categor
 from lifelong.ops.locate import read_trace_facts
 
 
-
 def fact(prompt: str, subject: str, answer: str) -> TraceFact:
     return TraceFact(prompt, subject, answer, prompt.index(subject))
 
